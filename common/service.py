@@ -1,0 +1,77 @@
+"""The frame every service app is built in: errors, health, metrics, auth, body limit, `/v1/models`.
+
+A service builds its core, then `create_app(...)` and adds its own routes to the returned FastAPI app.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
+
+from common.errors import install_error_handlers
+from common.guards import BearerAuth, BodySizeLimit
+from common.health import Readiness, health_router
+from common.metrics import install_http_metrics, metrics_router
+from common.settings import ServiceSettings
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+@dataclass(slots=True)
+class ModelCard:
+    """One entry of `/v1/models`."""
+
+    id: str
+    owned_by: str = "rag-platform"
+    created: int = field(default_factory=lambda: int(time.time()))
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def as_openai(self) -> dict:
+        card: dict[str, object] = {"id": self.id, "object": "model", "created": self.created,
+                                   "owned_by": self.owned_by}
+        card.update(self.metadata)
+        return card
+
+
+def create_app(*, title: str, service: str, settings: ServiceSettings, readiness: Readiness,
+               registry: CollectorRegistry, models: Callable[[], list[ModelCard]],
+               lifespan: Lifespan | None = None) -> FastAPI:
+    app = FastAPI(title=title, lifespan=lifespan)
+    install_error_handlers(app)
+    install_http_metrics(app, registry, service)
+    app.include_router(health_router(readiness))
+    app.include_router(metrics_router(registry))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [card.as_openai() for card in models()]}
+
+    app.state.readiness = readiness
+    app.state.registry = registry
+    return app
+
+
+def guarded(app: FastAPI, settings: ServiceSettings) -> ASGIApp:
+    """The app wrapped in the body-size limit and, when `API_KEY` is set, bearer auth."""
+    wrapped: ASGIApp = BodySizeLimit(app, settings.max_body_bytes)
+    if settings.api_key:
+        wrapped = BearerAuth(wrapped, settings.api_key)
+    return wrapped
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run the guarded app under uvicorn until SIGINT/SIGTERM; shutdown runs the app's lifespan exit."""
+    uvicorn.run(guarded(app, settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
