@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -9,6 +11,12 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/unit/llm/kernels); the choice is made when
+# triton.language is first imported, which sentence-transformers does at collection, so it must be made here.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,8 @@
-"""Whether a tensor should go to a Triton kernel or to the torch reference."""
+"""Whether a tensor should go to a Triton kernel or to the torch reference.
+
+Triton for CUDA tensors when triton imports; `LLM_DISABLE_TRITON=1` forces the references everywhere
+(the engine's reference run in the GPU equivalence test uses it).
+"""
 
 from __future__ import annotations
 

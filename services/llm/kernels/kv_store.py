@@ -1,8 +1,10 @@
-"""Write new keys and values into the paged cache at their slots."""
+"""Write new keys and values into the paged cache at their slots (Triton kernel in `kv_store_triton.py`)."""
 
 from __future__ import annotations
 
 import torch
+
+from services.llm.kernels.dispatch import use_triton
 
 
 def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -17,4 +19,9 @@ def store_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
+    if use_triton(key):
+        from services.llm.kernels import kv_store_triton
+
+        kv_store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        return
     store_kv_reference(key, value, k_cache, v_cache, slot_mapping)

@@ -1,8 +1,10 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it (Triton kernel in `norm_triton.py`)."""
 
 from __future__ import annotations
 
 import torch
+
+from services.llm.kernels.dispatch import use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,9 +21,17 @@ def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from services.llm.kernels import norm_triton
+
+        return norm_triton.rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        from services.llm.kernels import norm_triton
+
+        return norm_triton.fused_add_rms_norm_triton(x, residual, weight, eps)
     return fused_add_rms_norm_reference(x, residual, weight, eps)

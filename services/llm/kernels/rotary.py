@@ -1,10 +1,15 @@
-"""Rotary position embedding (rotate-half / NeoX layout, as HF Llama and Qwen2), with llama3 scaling."""
+"""Rotary position embedding (rotate-half / NeoX layout, as HF Llama and Qwen2), with llama3 scaling.
+
+Triton kernel in `rotary_triton.py`.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from services.llm.kernels.dispatch import use_triton
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -54,4 +59,9 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Te
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    if use_triton(q):
+        from services.llm.kernels import rotary_triton
+
+        rotary_triton.apply_rotary_triton(q, k, positions, cos_sin_cache)
+        return
     apply_rotary_reference(q, k, positions, cos_sin_cache)

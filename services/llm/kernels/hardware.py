@@ -1,0 +1,109 @@
+"""What the engine runs on, detected once at start-up, and the kernel profile chosen for it.
+
+Like a NIM profile, the choice is made from the device, not configured by hand: on a CUDA GPU the Triton
+kernels, bf16 where the GPU has it (compute capability ≥ 8.0, else fp16), CUDA graphs for decode; on the
+CPU the torch references in fp32. Use it in the engine's start-up:
+
+    profile = detect_hardware(config.device)
+    log.info("hardware profile %s", profile.describe())
+    model = load(..., dtype=profile.dtype); pool = KVPool(block_size=profile.kv_block_size, ...)
+    if profile.use_cuda_graphs: runner = DecodeGraphRunner(...)   # see cuda_graphs.py
+
+`describe()` is a JSON-ready dict for logs and the `/v1/models` metadata. `LLM_DISABLE_TRITON=1` forces
+the torch references (and is honoured by `dispatch.use_triton`, so both agree).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from services.llm.kernels.dispatch import triton_available
+
+# Triton's tensor-core paths need Ampere or newer for bf16; Turing/Volta still run them in fp16.
+_MIN_TRITON_CAPABILITY = (7, 5)
+_BF16_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareProfile:
+    device: str
+    name: str
+    compute_capability: tuple[int, int] | None
+    total_memory_bytes: int
+    multiprocessor_count: int
+    supports_bf16: bool
+    dtype: torch.dtype
+    kernels: str  # "triton" or "torch"
+    kv_block_size: int
+    use_cuda_graphs: bool
+
+    @property
+    def profile(self) -> str:
+        """A short name for the choice, e.g. `cuda-sm90-bf16-triton` or `cpu-fp32-torch`."""
+        dtype = str(self.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float", "fp")
+        where = "cpu" if self.compute_capability is None else "cuda-sm{}{}".format(*self.compute_capability)
+        return f"{where}-{dtype}-{self.kernels}"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "profile": self.profile,
+            "device": self.device,
+            "name": self.name,
+            "compute_capability": ".".join(map(str, self.compute_capability)) if self.compute_capability else None,
+            "memory_gib": round(self.total_memory_bytes / 2**30, 1),
+            "multiprocessors": self.multiprocessor_count,
+            "bf16": self.supports_bf16,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "kernels": self.kernels,
+            "kv_block_size": self.kv_block_size,
+            "cuda_graphs": self.use_cuda_graphs,
+        }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _cpu_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def detect_hardware(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> HardwareProfile:
+    """The profile for `device` (default: the first GPU if there is one, else the CPU). `dtype` overrides the
+    chosen dtype, e.g. fp32 on a GPU for debugging; bf16 is refused where the GPU lacks it."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if target.type != "cuda":
+        return HardwareProfile(device="cpu", name=_cpu_name(), compute_capability=None,
+                               total_memory_bytes=_cpu_memory_bytes(), multiprocessor_count=os.cpu_count() or 1,
+                               supports_bf16=True, dtype=dtype or torch.float32, kernels="torch", kv_block_size=16,
+                               use_cuda_graphs=False)
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {target} requested but CUDA is not available")
+    index = target.index if target.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    capability = (props.major, props.minor)
+    bf16 = capability >= _BF16_CAPABILITY
+    if dtype == torch.bfloat16 and not bf16:
+        raise ValueError(f"{props.name} (sm{props.major}{props.minor}) has no bf16 support; use float16")
+    triton = triton_available() and capability >= _MIN_TRITON_CAPABILITY
+    return HardwareProfile(
+        device=f"cuda:{index}", name=props.name, compute_capability=capability,
+        total_memory_bytes=props.total_memory, multiprocessor_count=props.multi_processor_count,
+        supports_bf16=bf16, dtype=dtype or (torch.bfloat16 if bf16 else torch.float16),
+        kernels="triton" if triton else "torch", kv_block_size=16, use_cuda_graphs=True,
+    )
