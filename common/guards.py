@@ -40,14 +40,12 @@ class BearerAuth:
 
 
 class BodyTooLarge(APIError):
-    """Raised from inside the body read, so the app's APIError handler answers 413."""
-
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"request body is larger than the limit of {max_bytes} bytes")
 
 
 class BodySizeLimit:
-    """Rejects bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+    """Rejects bodies over `max_bytes` with 413, by Content-Length or, for chunked bodies, while reading them."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -56,27 +54,32 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _send_error(send, 413, BodyTooLarge(self.max_bytes).message)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                return await _send_error(send, 413, BodyTooLarge(self.max_bytes).message)
+            return await self.app(scope, receive, send)  # the server holds the body to its declared length
+        # No Content-Length: read the body here (at most max_bytes). Raising from inside the app's own read
+        # does not work: FastAPI turns errors there (wrapped in an ExceptionGroup by middleware) into a 400.
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its whole body
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await _send_error(send, 413, BodyTooLarge(self.max_bytes).message)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge as exc:
-            if not started:
-                await _send_error(send, 413, exc.message)
+        await self.app(scope, replay, send)

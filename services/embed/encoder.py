@@ -1,0 +1,135 @@
+"""A sentence-transformers model split in two: tokenize on the request path, embed pre-tokenized batches.
+
+Tokenizing once per input tells the batcher each input's cost and lets truncation be decided per request;
+the batch path only pads, runs the model's own modules (transformer, pooling, ...) and normalises, so the
+vectors equal `SentenceTransformer.encode(..., normalize_embeddings=True)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_FALLBACK_MAX_TOKENS = 512
+
+
+class InputTooLong(ValueError):
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        super().__init__(f"input[{index}] has {tokens} tokens, more than the model's limit of {limit} "
+                         f"(special tokens included); shorten it or set truncate to END or START")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+@dataclass(slots=True, frozen=True)
+class Tokenized:
+    """Token ids of one input (special tokens included) and whether truncation cut it."""
+
+    ids: list[int]
+    truncated: bool
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class Encoder:
+    """One embedding model. `tokenize` is called from the event loop, `embed` from the batcher's thread.
+
+    `tokenize` must stay on one thread: a fast tokenizer's truncation settings are state of the object.
+    """
+
+    def __init__(self, model: SentenceTransformer, *, query_prefix: str | None = None,
+                 passage_prefix: str | None = None) -> None:
+        self.model = model.eval()
+        self.device = model.device
+        self.tokenizer = model.tokenizer
+        # A second copy cuts from the left, so START (keep the end) needs no shared mutable flag.
+        self._left_tokenizer = copy.deepcopy(self.tokenizer)
+        self._left_tokenizer.truncation_side = "left"
+        self.tokenizer.truncation_side = "right"
+        self.max_tokens = model.max_seq_length or min(self.tokenizer.model_max_length, _FALLBACK_MAX_TOKENS)
+        self.dimension = int(model.get_embedding_dimension())
+        prompts = model.prompts or {}
+        self.prefixes = {
+            "query": prompts.get("query", "") if query_prefix is None else query_prefix,
+            "passage": (prompts.get("passage") or prompts.get("document") or "") if passage_prefix is None
+            else passage_prefix,
+        }
+        self._pad_id = self.tokenizer.pad_token_id or 0
+        self._pad_left = self.tokenizer.padding_side == "left"
+        self._token_types = "token_type_ids" in self.tokenizer.model_input_names
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", *, query_prefix: str | None = None,
+             passage_prefix: str | None = None) -> Encoder:
+        start = time.perf_counter()
+        device = resolve_device(device)
+        # A local directory must never trigger a hub lookup.
+        if Path(model).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        st = SentenceTransformer(model, device=device)
+        if device.startswith("cuda"):
+            st.half()
+        encoder = cls(st, query_prefix=query_prefix, passage_prefix=passage_prefix)
+        log.info("loaded %s on %s in %.1fs: %d dimensions, %d tokens max, prefixes %r", model, device,
+                 time.perf_counter() - start, encoder.dimension, encoder.max_tokens, encoder.prefixes)
+        return encoder
+
+    def tokenize(self, texts: Sequence[str], truncate: str = "NONE") -> list[Tokenized]:
+        """Token ids per text; `truncate` NONE raises InputTooLong, END keeps the start, START keeps the end."""
+        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        too_long = [i for i, one in enumerate(ids) if len(one) > self.max_tokens]
+        if too_long and truncate == "NONE":
+            raise InputTooLong(too_long[0], len(ids[too_long[0]]), self.max_tokens)
+        out = [Tokenized(one, False) for one in ids]
+        if too_long:
+            cutter = self._left_tokenizer if truncate == "START" else self.tokenizer
+            cut = cutter([texts[i] for i in too_long], add_special_tokens=True, truncation=True,
+                         max_length=self.max_tokens, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+            for i, one in zip(too_long, cut, strict=True):
+                out[i] = Tokenized(one, True)
+        return out
+
+    def embed(self, batch: Sequence[list[int]]) -> list[np.ndarray]:
+        """Unit-length float32 vectors for pre-tokenized inputs, padded to the longest in the batch."""
+        width = max(len(ids) for ids in batch)
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            span = slice(width - len(ids), width) if self._pad_left else slice(0, len(ids))
+            input_ids[row, span] = ids
+            mask[row, span] = 1
+        features = {"input_ids": torch.from_numpy(input_ids).to(self.device),
+                    "attention_mask": torch.from_numpy(mask).to(self.device)}
+        if self._token_types:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            vectors = self.model(features)["sentence_embedding"]
+            vectors = F.normalize(vectors.float(), p=2, dim=-1).cpu().numpy()
+        return list(vectors)
+
+
+def shorten(vector: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Matryoshka truncation: the first `dimensions` values, re-normalised to unit length."""
+    if dimensions is None or dimensions >= vector.shape[-1]:
+        return vector
+    head = vector[:dimensions]
+    norm = float(np.linalg.norm(head))
+    return head / norm if norm > 0 else head

@@ -1,0 +1,123 @@
+"""common/ errors, guards and settings, through a real app built with `create_app` and `guarded`."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from common.errors import APIError, bad_request
+from common.health import Readiness
+from common.service import ModelCard, create_app, guarded
+from common.settings import ServiceSettings, settings_help
+
+
+class Body(BaseModel):
+    text: str
+    count: int = Field(1, gt=0)
+
+
+class DemoSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="DEMO_", extra="ignore", populate_by_name=True)
+
+    threshold: float = Field(0.5, description="how sure to be")
+
+
+def demo_app(**settings: object) -> TestClient:
+    readiness = Readiness()
+    app = create_app(title="demo", service="demo", settings=DemoSettings(**settings), readiness=readiness,
+                     registry=CollectorRegistry(), models=lambda: [ModelCard("demo-model")])
+
+    @app.post("/v1/echo")
+    async def echo(body: Body) -> dict:
+        if body.text == "refuse":
+            raise bad_request("refused on purpose", param="text")
+        if body.text == "busy":
+            raise APIError(429, "too busy", code="queue_full")
+        if body.text == "bug":
+            raise RuntimeError("a bug")
+        return {"text": body.text * body.count}
+
+    app.state.readiness_handle = readiness
+    return TestClient(guarded(app, DemoSettings(**settings)), raise_server_exceptions=False)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    with demo_app() as client:
+        yield client
+
+
+def test_schema_errors_are_400_not_422(client: TestClient) -> None:
+    error = error_of(client.post("/v1/echo", json={"text": "a", "count": 0}), 400)
+    assert error["param"] == "count" and error["type"] == "invalid_request_error"
+    assert error_of(client.post("/v1/echo", json={}), 400)["param"] == "text"
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    response = client.post("/v1/echo", content=b"{nope", headers={"content-type": "application/json"})
+    assert error_of(response, 400)["message"] == "request body is not valid JSON"
+
+
+def test_api_errors_keep_status_param_and_code(client: TestClient) -> None:
+    assert error_of(client.post("/v1/echo", json={"text": "refuse"}), 400)["param"] == "text"
+    busy = client.post("/v1/echo", json={"text": "busy"})
+    assert error_of(busy, 429)["code"] == "queue_full" and busy.headers["retry-after"] == "1"
+
+
+def test_unknown_route_and_bug_are_openai_errors(client: TestClient) -> None:
+    assert "no route" in error_of(client.get("/v1/nothing"), 404)["message"]
+    assert error_of(client.post("/v1/echo", json={"text": "bug"}), 500)["type"] == "internal_server_error"
+
+
+def test_health_models_and_metrics(client: TestClient) -> None:
+    assert client.get("/v1/health/live").status_code == 200
+    assert client.get("/v1/health/ready").status_code == 503
+    assert client.get("/v1/models").json()["data"][0]["id"] == "demo-model"
+    assert "demo_http_requests_total" in client.get("/metrics").text
+
+
+def test_body_limit_by_content_length_and_by_stream() -> None:
+    with demo_app(max_body_bytes=100) as client:
+        assert client.post("/v1/echo", json={"text": "a" * 50}).status_code == 200
+        assert "100 bytes" in error_of(client.post("/v1/echo", json={"text": "a" * 200}), 413)["message"]
+
+        def chunks():  # no Content-Length: the limit must hold while the body streams in
+            for _ in range(10):
+                yield b'{"text": "' + b"a" * 30
+
+        error_of(client.post("/v1/echo", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_bearer_auth_guards_all_but_health() -> None:
+    with demo_app(api_key="k1") as client:
+        assert client.get("/v1/health/live").status_code == 200
+        assert error_of(client.get("/v1/models"), 401)["message"] == "missing API key"
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer k2"})
+        assert error_of(wrong, 401)["message"] == "invalid API key"
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_settings_read_prefixed_env_and_unprefixed_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_PORT", "9123")
+    monkeypatch.setenv("DEMO_THRESHOLD", "0.75")
+    monkeypatch.setenv("API_KEY", "shared")
+    settings = DemoSettings()
+    assert (settings.port, settings.threshold, settings.api_key) == (9123, 0.75, "shared")
+
+
+def test_settings_help_lists_env_vars_with_defaults() -> None:
+    text = settings_help(DemoSettings, "demo").format_help()
+    for line in ("DEMO_HOST", "DEMO_PORT", "DEMO_THRESHOLD", "API_KEY", "DEMO_MAX_BODY_BYTES"):
+        assert line in text
+    assert "[default: 0.5]" in text
