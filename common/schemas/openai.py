@@ -1,0 +1,276 @@
+"""OpenAI completions and chat-completions shapes: requests, responses and streaming chunks.
+
+The LLM service serves them; the retriever reuses the chat ones for its own OpenAI-compatible
+`/v1/chat/completions` and as a client of the LLM. Unknown request fields (OpenAI `extra_body` extras) are
+accepted and ignored so stock clients work unchanged; values out of range are 400s.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = Field(False, description="send a last chunk with the request's usage")
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters common to both endpoints (OpenAI's, plus vLLM's extras)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="the served model id; omitted means the one model served")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate; omitted: the rest of "
+                                                                  "the context")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(-1, ge=-1, description="-1 or 0: no top-k cut")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: StrictInt | None = Field(None, description="per-request sampling seed, for reproducible answers")
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="strings that end the answer (not "
+                                                                       "included in it)")
+    n: StrictInt = Field(1, ge=1, le=16, description="independent answers to the same prompt")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0)
+    user: str | None = Field(None, description="OpenAI end-user id; accepted and ignored")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        strings = [value] if isinstance(value, str) else (value or [])
+        if any(not s for s in strings):
+            raise ValueError("stop strings must not be empty")
+        if len(strings) > 16:
+            raise ValueError("at most 16 stop strings")
+        return value
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+TokenIds = list[StrictInt]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
+        description="a text, a batch of texts, token ids, or a batch of token-id lists")
+    logprobs: StrictInt | None = Field(None, ge=0, le=20, description="log-probabilities of this many top "
+                                                                      "alternatives per token")
+    echo: StrictBool = Field(False, description="not supported; must be false")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str | list) -> str | list:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and any(isinstance(item, list) and not item for item in value):
+            raise ValueError("prompt token lists must not be empty")
+        if isinstance(value, list) and any(isinstance(item, int) and item < 0 for item in value):
+            raise ValueError("token ids must be non-negative")
+        if isinstance(value, list) and any(isinstance(item, list) and min(item) < 0 for item in value):
+            raise ValueError("token ids must be non-negative")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: each a text or a token-id list."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class TextContentPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: StrictStr | list[TextContentPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    logprobs: StrictBool = Field(False, description="return the log-probability of each answer token")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="alternatives per token, with logprobs")
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[StrictInt] = Field(description="token ids to turn back into text")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

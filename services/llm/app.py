@@ -1,0 +1,438 @@
+"""OpenAI-compatible routes over the serving loop: completions, chat completions, tokenize, detokenize.
+
+Routes validate, turn the request into prompt token ids and sampling parameters, call the serving loop, and
+shape its updates into OpenAI responses or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+
+from common.errors import APIError, bad_request, error_body, not_found
+from common.health import Readiness
+from common.model_files import bundled_llm, resolve_model
+from common.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    PromptTokensDetails,
+    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
+    new_id,
+)
+from common.service import ModelCard, create_app
+from services.llm.serving import ChoiceDelta, GenerationUpdate, ServingLoop, ServingMetrics
+from services.llm.settings import LLMSettings
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.1
+
+
+def served_model_id(settings: LLMSettings, model: str) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def load_engine(settings: LLMSettings, model: str) -> Any:
+    from services.llm.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model=model, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
+                          kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
+                          max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                          max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
+                          seed=settings.seed)
+    return LLMEngine(config)
+
+
+class LLMService:
+    """The state routes share: the engine (once loaded), its serving loop and the served model id."""
+
+    def __init__(self, settings: LLMSettings, readiness: Readiness, metrics: ServingMetrics) -> None:
+        self.settings = settings
+        self.model_path = resolve_model(settings.model, bundled_llm() if not settings.model else None)
+        self.model_id = served_model_id(settings, self.model_path)
+        self.readiness = readiness
+        self.metrics = metrics
+        self.serving: ServingLoop | None = None
+
+    async def load(self) -> None:
+        log.info("loading model %s", self.model_path)
+        try:
+            engine = await asyncio.to_thread(load_engine, self.settings, self.model_path)
+        except Exception as exc:
+            log.exception("model failed to load")
+            self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
+            return
+        self.serving = ServingLoop(engine, max_num_seqs=self.settings.max_num_seqs,
+                                   max_waiting=self.settings.max_waiting,
+                                   request_timeout=self.settings.request_timeout, metrics=self.metrics,
+                                   readiness=self.readiness)
+        self.serving.start()
+        log.info("serving %s as %r, context %d tokens", self.model_path, self.model_id, engine.max_model_len)
+
+    def loop(self) -> ServingLoop:
+        if self.serving is None:
+            raise APIError(503, self.readiness.message)
+        return self.serving
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loop().engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.loop().engine.max_model_len)
+
+    def models(self) -> list[ModelCard]:
+        metadata: dict[str, object] = {"root": self.model_path}
+        if self.serving is not None:
+            metadata["max_model_len"] = self.max_model_len
+        return [ModelCard(self.model_id, metadata=metadata)]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise not_found(f"model {model!r} does not exist; this server serves {self.model_id!r}", param="model")
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        conversation = [{"role": m.role, "content": m.text} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except Exception as exc:  # jinja templates raise their own errors for conversations they refuse
+            raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
+        return self.encode_text(text, add_special_tokens=False)
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        if any(t >= vocab for t in token_ids):
+            raise bad_request(f"token ids must be below the vocabulary size {vocab}", param)
+
+    def sampling_params(self, body: SamplingFields, prompt_tokens: int, max_tokens: int | None,
+                        logprobs: int | None) -> Any:
+        from services.llm.engine import SamplingParams
+
+        context = self.max_model_len
+        room = context - prompt_tokens
+        if room < 1:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens, which leaves no room in the model's "
+                              f"context of {context} tokens", "messages" if max_tokens is None else "prompt")
+        if max_tokens is not None and max_tokens > room:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                              f"{prompt_tokens + max_tokens} is over the model's context of {context} tokens",
+                              "max_tokens")
+        try:
+            return SamplingParams(max_tokens=max_tokens if max_tokens is not None else room,
+                                  temperature=body.temperature, top_p=body.top_p,
+                                  top_k=-1 if body.top_k == 0 else body.top_k, min_p=body.min_p, seed=body.seed,
+                                  n=body.n, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                                  logprobs=logprobs, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty,
+                                  repetition_penalty=body.repetition_penalty)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def _merged(streams: list[AsyncIterator[GenerationUpdate]]) -> AsyncIterator[tuple[int, GenerationUpdate]]:
+    """Updates of several requests as they come, tagged with the request's position."""
+    if len(streams) == 1:
+        async for update in streams[0]:
+            yield 0, update
+        return
+    queue: asyncio.Queue[tuple[int, GenerationUpdate | BaseException | None]] = asyncio.Queue()
+
+    async def pump(position: int, stream: AsyncIterator[GenerationUpdate]) -> None:
+        try:
+            async for update in stream:
+                await queue.put((position, update))
+        except Exception as exc:
+            await queue.put((position, exc))
+        await queue.put((position, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Any]) -> Any:
+    """Runs `work()`; if the client disconnects first, cancels it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work())
+
+    async def watch() -> None:
+        # The body is already read, so the next ASGI message is the client going away.
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("client disconnected; request aborted")
+    return Response(status_code=499)
+
+
+class Totals:
+    """Token counts summed over the requests of one API call."""
+
+    def __init__(self, requests: int) -> None:
+        self.prompt = [0] * requests
+        self.cached = [0] * requests
+        self.completion = [0] * requests
+
+    def add(self, position: int, update: GenerationUpdate) -> None:
+        self.prompt[position] = update.prompt_tokens
+        self.cached[position] = update.cached_tokens
+        self.completion[position] = update.completion_tokens
+
+    def usage(self) -> Usage:
+        return _usage(sum(self.prompt), sum(self.completion), sum(self.cached))
+
+
+def build_app(settings: LLMSettings) -> FastAPI:
+    registry = CollectorRegistry()
+    readiness = Readiness()
+    service = LLMService(settings, readiness, ServingMetrics(registry))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(service.load())
+        yield
+        loading.cancel()
+        if service.serving is not None:
+            await service.serving.shutdown(settings.shutdown_timeout)
+
+    app = create_app(title="LLM", service="llm", settings=settings, readiness=readiness, registry=registry,
+                     models=service.models, lifespan=lifespan)
+    app.state.llm = service
+
+    def completion_logprobs(deltas: list[ChoiceDelta], offset: int) -> CompletionLogprobs | None:
+        entries = [e for d in deltas for e in (d.logprobs or [])]
+        if not any(d.logprobs is not None for d in deltas):
+            return None
+        result = CompletionLogprobs()
+        for entry in entries:
+            token = service.token_text(entry.token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(float(entry.logprob))
+            result.top_logprobs.append({service.token_text(t): float(lp) for t, lp in entry.top})
+            result.text_offset.append(offset)
+            offset += len(token)
+        return result
+
+    def chat_logprobs(deltas: list[ChoiceDelta]) -> ChatLogprobs | None:
+        if not any(d.logprobs is not None for d in deltas):
+            return None
+        content = []
+        for entry in (e for d in deltas for e in (d.logprobs or [])):
+            token = service.token_text(entry.token_id)
+            top = [TopLogprob(token=(t := service.token_text(i)), logprob=float(lp), bytes=list(t.encode()))
+                   for i, lp in entry.top]
+            content.append(TokenLogprobEntry(token=token, logprob=float(entry.logprob), bytes=list(token.encode()),
+                                             top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        service.check_model(body.model)
+        loop = service.loop()
+        prompts = []
+        for position, prompt in enumerate(body.prompts):
+            if isinstance(prompt, str):
+                prompts.append(service.encode_text(prompt))
+            else:
+                service.check_token_ids(prompt, f"prompt[{position}]" if len(body.prompts) > 1 else "prompt")
+                prompts.append(prompt)
+        params = [service.sampling_params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
+        loop.check_accepting(len(prompts) * body.n)
+        stop = body.stop_strings
+        model = service.model_id
+        streams = [loop.generate(p, sp, stop) for p, sp in zip(prompts, params, strict=True)]
+
+        def choice_index(position: int, delta: ChoiceDelta) -> int:
+            return position * body.n + delta.index
+
+        if body.stream:
+            response_id = new_id("cmpl")
+
+            async def events() -> AsyncIterator[str]:
+                totals = Totals(len(prompts))
+                offsets = [0] * (len(prompts) * body.n)
+                try:
+                    async for position, update in _merged(streams):
+                        totals.add(position, update)
+                        choices = []
+                        for delta in update.choices:
+                            index = choice_index(position, delta)
+                            choices.append(CompletionChoice(index=index, text=delta.text,
+                                                            logprobs=completion_logprobs([delta], offsets[index]),
+                                                            finish_reason=delta.finish_reason))
+                            offsets[index] += len(delta.text)
+                        if choices:
+                            yield _sse(CompletionChunk(id=response_id, model=model, choices=choices))
+                    if body.include_usage:
+                        yield _sse(CompletionChunk(id=response_id, model=model, choices=[], usage=totals.usage()))
+                except APIError as exc:
+                    yield _sse(error_body(exc.status, exc.message, code=exc.code))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def collect() -> CompletionResponse:
+            totals = Totals(len(prompts))
+            texts: dict[int, list[str]] = {}
+            deltas: dict[int, list[ChoiceDelta]] = {}
+            finish: dict[int, str | None] = {}
+            async for position, update in _merged(streams):
+                totals.add(position, update)
+                for delta in update.choices:
+                    index = choice_index(position, delta)
+                    texts.setdefault(index, []).append(delta.text)
+                    deltas.setdefault(index, []).append(delta)
+                    finish[index] = delta.finish_reason
+            choices = [CompletionChoice(index=i, text="".join(texts.get(i, [])),
+                                        logprobs=completion_logprobs(deltas.get(i, []), 0),
+                                        finish_reason=finish.get(i))
+                       for i in range(len(prompts) * body.n)]
+            return CompletionResponse(model=model, choices=choices, usage=totals.usage())
+
+        return await _unless_disconnected(request, collect)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        service.check_model(body.model)
+        loop = service.loop()
+        prompt = service.encode_chat(body.messages)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = service.sampling_params(body, len(prompt), body.answer_limit, top)
+        loop.check_accepting(body.n)
+        stream = loop.generate(prompt, params, body.stop_strings)
+        model = service.model_id
+
+        if body.stream:
+            response_id = new_id("chatcmpl")
+
+            async def events() -> AsyncIterator[str]:
+                first = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                         for i in range(body.n)]
+                yield _sse(ChatCompletionChunk(id=response_id, model=model, choices=first))
+                usage = _usage(len(prompt), 0, 0)
+                try:
+                    async for update in stream:
+                        usage = _usage(update.prompt_tokens, update.completion_tokens, update.cached_tokens)
+                        choices = [ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text),
+                                                   logprobs=chat_logprobs([d]), finish_reason=d.finish_reason)
+                                   for d in update.choices]
+                        if choices:
+                            yield _sse(ChatCompletionChunk(id=response_id, model=model, choices=choices))
+                    if body.include_usage:
+                        yield _sse(ChatCompletionChunk(id=response_id, model=model, choices=[], usage=usage))
+                except APIError as exc:
+                    yield _sse(error_body(exc.status, exc.message, code=exc.code))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def collect() -> ChatCompletionResponse:
+            texts: dict[int, list[str]] = {i: [] for i in range(body.n)}
+            deltas: dict[int, list[ChoiceDelta]] = {i: [] for i in range(body.n)}
+            finish: dict[int, str | None] = {}
+            usage = _usage(len(prompt), 0, 0)
+            async for update in stream:
+                usage = _usage(update.prompt_tokens, update.completion_tokens, update.cached_tokens)
+                for delta in update.choices:
+                    texts[delta.index].append(delta.text)
+                    deltas[delta.index].append(delta)
+                    finish[delta.index] = delta.finish_reason
+            choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(texts[i])),
+                                  logprobs=chat_logprobs(deltas[i]), finish_reason=finish.get(i))
+                       for i in range(body.n)]
+            return ChatCompletionResponse(model=model, choices=choices, usage=usage)
+
+        return await _unless_disconnected(request, collect)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of 'prompt' or 'messages'")
+        if body.messages is not None:
+            tokens = service.encode_chat(body.messages, body.add_generation_prompt)
+        else:
+            tokens = service.encode_text(body.prompt or "", body.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=service.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        service.check_model(body.model)
+        if any(t < 0 for t in body.tokens):
+            raise bad_request("token ids must be non-negative", "tokens")
+        service.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=service.tokenizer.decode(body.tokens))
+
+    return app

@@ -1,0 +1,28 @@
+"""LLM service settings, read from `LLM_*` env vars (plus `API_KEY`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import ServiceSettings
+
+
+class LLMSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", populate_by_name=True)
+
+    port: int = Field(8000, description="TCP port")
+    served_model_name: str = Field("", description="model id in the API (empty: the model file or directory name)")
+    device: str = Field("auto", description="cuda, cpu, or auto (cuda when available)")
+    dtype: str = Field("auto", description="float16, bfloat16, float32, or auto")
+    block_size: int = Field(16, description="tokens per KV-cache block")
+    kv_cache_gib: float = Field(1.0, description="KV-cache size in GiB on CPU")
+    gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory the engine may use")
+    max_num_seqs: int = Field(256, description="most sequences running in one engine step")
+    max_num_batched_tokens: int = Field(2048, description="most tokens in one engine step")
+    max_model_len: int | None = Field(None, description="context length (empty: the model's)")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
+    max_waiting: int = Field(1024, description="requests allowed to wait beyond max_num_seqs; more get 429")
+    request_timeout: float = Field(600.0, description="seconds before a request is aborted")
+    shutdown_timeout: float = Field(20.0, description="seconds running requests get to finish on shutdown")
+    seed: int = Field(0, description="engine seed for requests without their own")
