@@ -1,0 +1,255 @@
+"""Retriever routes (SPEC §6): collections, documents, search, and RAG answers over the other three services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, ValidationError
+
+from common.errors import APIError, bad_request, error_body
+from common.health import Readiness
+from common.http import ServiceClient
+from common.model_files import bundled_embedding_model
+from common.schemas.retriever import (
+    CollectionCreate,
+    DocumentsUpload,
+    DocumentsUploadResponse,
+    FailedDocument,
+    GenerateRequest,
+    IngestedDocument,
+    SearchChunk,
+    SearchRequest,
+    SearchResponse,
+)
+from common.service import ModelCard, create_app
+from services.retriever.chunking import Chunker
+from services.retriever.dependencies import EmbeddingClient, LLMClient, RerankClient
+from services.retriever.knowledge_base import KnowledgeBase
+from services.retriever.loaders import SourceDocument, UnsupportedDocument, load_bytes, make_document
+from services.retriever.rag import PreparedAnswer, RagPipeline, sse
+from services.retriever.settings import RetrieverSettings
+
+log = logging.getLogger(__name__)
+_HEALTH_POLL_S = 5.0
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def build_app(settings: RetrieverSettings) -> FastAPI:
+    readiness = Readiness()
+    registry = CollectorRegistry()
+    ingested = Counter("retriever_documents_ingested", "documents stored", registry=registry)
+    clients = {
+        "embed": ServiceClient("embed", settings.embed_url, api_key=settings.api_key, timeout=settings.embed_timeout),
+        "rerank": ServiceClient("rerank", settings.rerank_url, api_key=settings.api_key,
+                                timeout=settings.rerank_timeout),
+        "llm": ServiceClient("llm", settings.llm_url, api_key=settings.api_key, timeout=settings.llm_timeout,
+                             retries=1),
+    }
+    embedder = EmbeddingClient(clients["embed"], settings.embed_model, settings.embed_batch_size)
+    reranker = RerankClient(clients["rerank"], settings.rerank_model)
+    llm = LLMClient(clients["llm"], settings.llm_model)
+    tokenizer_dir = Path(settings.tokenizer) if settings.tokenizer else bundled_embedding_model()
+    state: dict[str, object] = {}
+
+    def kb() -> KnowledgeBase:
+        if "kb" not in state:
+            raise APIError(503, "retriever is starting")
+        return state["kb"]  # type: ignore[return-value]
+
+    def pipeline() -> RagPipeline:
+        return state["rag"]  # type: ignore[return-value]
+
+    async def watch_dependencies() -> None:
+        while True:
+            for name, client in clients.items():
+                readiness.details[name] = {"url": client.base_url, "ready": await client.is_ready()}
+            await asyncio.to_thread(kb().save_indexes)
+            await asyncio.sleep(_HEALTH_POLL_S)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        chunker = await asyncio.to_thread(Chunker.from_model_dir, tokenizer_dir, settings.embed_max_tokens)
+        knowledge_base = await asyncio.to_thread(KnowledgeBase, settings.data_dir, chunker, embedder,
+                                                 ann_threshold=settings.ann_threshold, reranker=reranker)
+        state["kb"] = knowledge_base
+        state["rag"] = RagPipeline(knowledge_base, llm, reranker, system_prompt=settings.system_prompt,
+                                   vdb_top_k=settings.vdb_top_k, reranker_top_k=settings.reranker_top_k,
+                                   default_max_tokens=settings.default_max_tokens)
+        readiness.details.update({"index_backend": knowledge_base.index_backend,
+                                  "chunk_limit_tokens": chunker.max_tokens})
+        watcher = asyncio.create_task(watch_dependencies())
+        readiness.set_ready()
+        log.info("retriever ready: data in %s, %d collections", settings.data_dir,
+                 len(knowledge_base.store.collections()))
+        try:
+            yield
+        finally:
+            readiness.set_not_ready("shutting down")
+            watcher.cancel()
+            with suppress(asyncio.CancelledError):
+                await watcher
+            await asyncio.to_thread(knowledge_base.close)
+            for client in clients.values():
+                await client.aclose()
+
+    app = create_app(title="RAG retriever", service="retriever", settings=settings, readiness=readiness,
+                     registry=registry, models=lambda: [ModelCard("rag-retriever")], lifespan=lifespan)
+
+    @app.post("/v1/collections")
+    async def create_collection(body: CollectionCreate) -> dict:
+        collection = await asyncio.to_thread(kb().create_collection, body.name, body.description, body.metadata)
+        return kb().describe(collection)
+
+    @app.get("/v1/collections")
+    async def list_collections() -> dict:
+        return {"collections": [kb().describe(c) for c in kb().store.collections()]}
+
+    @app.get("/v1/collections/{name}")
+    async def get_collection(name: str) -> dict:
+        return kb().describe(kb().collection(name))
+
+    @app.delete("/v1/collections/{name}")
+    async def delete_collection(name: str) -> dict:
+        await asyncio.to_thread(kb().delete_collection, name)
+        return {"deleted": name}
+
+    @app.post("/v1/documents")
+    async def upload_documents(request: Request) -> DocumentsUploadResponse:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            collection_name, documents, failed, size, overlap = await _read_multipart(request)
+        else:
+            upload = _parse(DocumentsUpload, await _json_body(request))
+            collection_name, size, overlap = upload.collection_name, upload.chunk_size, upload.chunk_overlap
+            documents = [make_document(d.name or str(d.metadata.get("source") or d.id or "document"), d.text,
+                                       d.metadata, d.id) for d in upload.documents]
+            failed = []
+        if not documents:
+            reasons = "; ".join(f.error for f in failed) or "no documents given"
+            raise bad_request(f"nothing to ingest: {reasons}", param="documents")
+        outcomes = await kb().ingest(collection_name, documents, chunk_size=size or settings.chunk_size,
+                                     chunk_overlap=settings.chunk_overlap if overlap is None else overlap)
+        ingested.inc(sum(o.status == "ingested" for o in outcomes))
+        return DocumentsUploadResponse(collection_name=collection_name, failed=failed, documents=[
+            IngestedDocument(document_id=o.document_id, document_name=o.document_name, status=o.status,  # type: ignore[arg-type]
+                             chunks=o.chunks) for o in outcomes])
+
+    @app.get("/v1/documents")
+    async def list_documents(collection_name: str, limit: int = 1000, offset: int = 0) -> dict:
+        if not 1 <= limit <= 100_000 or offset < 0:
+            raise bad_request("limit must be 1..100000 and offset >= 0", param="limit")
+        documents = await asyncio.to_thread(kb().documents, collection_name, limit, offset)
+        return {"collection_name": collection_name, "documents": documents}
+
+    @app.delete("/v1/documents/{document_id}")
+    async def delete_document(document_id: str, collection_name: str) -> dict:
+        await asyncio.to_thread(kb().delete_document, collection_name, document_id)
+        return {"deleted": document_id, "collection_name": collection_name}
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest) -> SearchResponse:
+        hits = await kb().search(body.query, body.collection_names, top_k=body.top_k, search_type=body.search_type,
+                                 metadata_filter=body.filter, rerank=body.rerank, reranker_top_k=body.reranker_top_k)
+        return SearchResponse(chunks=[SearchChunk(document_id=h.chunk.document_id, document_name=h.chunk.document_name,
+                                                  chunk_id=h.chunk.chunk_id, collection_name=h.chunk.collection,
+                                                  content=h.chunk.content, score=h.score, metadata=h.chunk.metadata)
+                                      for h in hits])
+
+    async def generate(request: Request) -> object:
+        body = _parse(GenerateRequest, await _json_body(request))
+        prepared = await pipeline().prepare(body)
+        if not body.stream:
+            return await pipeline().answer(prepared)
+        options = (body.model_extra or {}).get("stream_options") or {}
+        return await _stream_response(pipeline(), prepared, bool(options.get("include_usage")))
+
+    app.add_api_route("/v1/generate", generate, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
+    return app
+
+
+async def _stream_response(rag: RagPipeline, prepared: PreparedAnswer, include_usage: bool) -> StreamingResponse:
+    chunks = await rag.stream(prepared, include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except APIError as exc:
+            # Headers are gone: the error travels as an event, then the stream ends normally.
+            log.warning("stream ended early: %s", exc.message)
+            yield sse(error_body(exc.status, exc.message, type=exc.type, code=exc.code))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _json_body(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request("request body is not valid JSON") from exc
+
+
+def _parse(model: type[_Model], payload: object) -> _Model:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param) from exc
+
+
+async def _read_multipart(request: Request) -> tuple[str, list[SourceDocument], list[FailedDocument],
+                                                     int | None, int | None]:
+    form = await request.form()
+    collection_name = form.get("collection_name")
+    if not isinstance(collection_name, str) or not collection_name:
+        raise bad_request("form field collection_name is required", param="collection_name")
+    extra: dict = {}
+    if isinstance(form.get("metadata"), str):
+        try:
+            extra = json.loads(form["metadata"])  # type: ignore[arg-type]
+        except json.JSONDecodeError as exc:
+            raise bad_request("form field metadata must be a JSON object", param="metadata") from exc
+        if not isinstance(extra, dict):
+            raise bad_request("form field metadata must be a JSON object", param="metadata")
+    size, overlap = _form_int(form.get("chunk_size"), "chunk_size"), _form_int(form.get("chunk_overlap"),
+                                                                               "chunk_overlap")
+    documents: list[SourceDocument] = []
+    failed: list[FailedDocument] = []
+    for upload in form.getlist("documents"):
+        if isinstance(upload, str):
+            raise bad_request("documents must be files", param="documents")
+        name = upload.filename or "upload"
+        try:
+            loaded = await asyncio.to_thread(load_bytes, name, await upload.read())
+        except UnsupportedDocument as exc:
+            failed.append(FailedDocument(document_name=name, error=str(exc)))
+            continue
+        for document in loaded:
+            document.metadata.update(extra)
+        documents.extend(d for d in loaded if d.text)
+        if not any(d.text for d in loaded):
+            failed.append(FailedDocument(document_name=name, error=f"{name}: no text found"))
+    return collection_name, documents, failed, size, overlap
+
+
+def _form_int(value: object, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(str(value))
+    except ValueError as exc:
+        raise bad_request(f"{name} must be an integer", param=name) from exc
+    if number < 0:
+        raise bad_request(f"{name} must be >= 0", param=name)
+    return number

@@ -1,0 +1,140 @@
+"""The three services the retriever depends on, seen through `common.http.ServiceClient`.
+
+Model ids come from settings or, when empty, from each service's `/v1/models` (asked once, then kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from common.errors import APIError
+from common.http import DependencyError, ServiceClient
+
+
+class _ModelDiscovery:
+    def __init__(self, client: ServiceClient, configured: str) -> None:
+        self.client, self._model, self._card = client, configured, None
+        self._lock = asyncio.Lock()
+
+    async def card(self) -> dict:
+        async with self._lock:
+            if self._card is None:
+                listing = await self.client.get_json("/v1/models")
+                cards = listing.get("data") or []
+                if not cards:
+                    raise DependencyError(self.client.name, "serves no model")
+                chosen = next((c for c in cards if c.get("id") == self._model), cards[0])
+                self._card = chosen
+                self._model = self._model or chosen["id"]
+            return self._card
+
+    async def model(self) -> str:
+        if not self._model:
+            await self.card()
+        return self._model
+
+
+class EmbeddingClient:
+    def __init__(self, client: ServiceClient, model: str = "", batch_size: int = 64) -> None:
+        self.client, self.batch_size = client, batch_size
+        self.models = _ModelDiscovery(client, model)
+
+    async def embed(self, texts: list[str], input_type: str) -> np.ndarray:
+        """One float32 row per text; batches are sent one after the other (the embed service batches inside)."""
+        model = await self.models.model()
+        rows: list[list[float]] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            body = {"input": batch, "model": model, "input_type": input_type, "encoding_format": "float",
+                    "truncate": "END"}
+            reply = await self.client.post_json("/v1/embeddings", body, idempotent=True)
+            data = sorted(reply["data"], key=lambda item: item["index"])
+            if len(data) != len(batch):
+                raise DependencyError(self.client.name, f"returned {len(data)} embeddings for {len(batch)} inputs")
+            rows.extend(item["embedding"] for item in data)
+        return np.asarray(rows, dtype=np.float32)
+
+
+class RerankClient:
+    def __init__(self, client: ServiceClient, model: str = "") -> None:
+        self.client = client
+        self.models = _ModelDiscovery(client, model)
+
+    async def scorer_kind(self) -> str | None:
+        """The card's `scorer` ("cross_encoder", "query_likelihood", "yes_no"), None if it does not say."""
+        card = await self.models.card()
+        kind = card.get("scorer") or (card.get("metadata") or {}).get("scorer")
+        return str(kind) if kind else None
+
+    async def rank(self, query: str, passages: list[str]) -> list[tuple[int, float]]:
+        """(passage index, logit), best first."""
+        if not passages:
+            return []
+        body = {"model": await self.models.model(), "query": {"text": query},
+                "passages": [{"text": p} for p in passages], "truncate": "END"}
+        reply = await self.client.post_json("/v1/ranking", body, idempotent=True)
+        return [(int(r["index"]), float(r["logit"])) for r in reply["rankings"]]
+
+
+class LLMClient:
+    _PER_MESSAGE_OVERHEAD = 8  # role markers and separators of a chat template, when /tokenize cannot apply it
+
+    def __init__(self, client: ServiceClient, model: str = "") -> None:
+        self.client = client
+        self.models = _ModelDiscovery(client, model)
+        self._max_model_len: int | None = None
+        self._chat_tokenize = True
+
+    async def context_length(self) -> int:
+        if self._max_model_len is None:
+            length = (await self.models.card()).get("max_model_len")
+            if not length:
+                reply = await self._tokenize({"prompt": "x"})
+                length = reply.get("max_model_len")
+            if not length:
+                raise DependencyError(self.client.name, "reports no max_model_len (in /v1/models or /tokenize)")
+            self._max_model_len = int(length)
+        return self._max_model_len
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text (no special tokens), asked concurrently."""
+        replies = await asyncio.gather(*(self._tokenize({"prompt": t, "add_special_tokens": False}) for t in texts))
+        return [_count(reply) for reply in replies]
+
+    async def count_messages(self, messages: list[dict]) -> int:
+        """Tokens of a conversation after the chat template; estimated per message if /tokenize takes no messages."""
+        if self._chat_tokenize:
+            try:
+                return _count(await self._tokenize({"messages": messages}))
+            except APIError as exc:
+                if exc.status != 400:
+                    raise
+                self._chat_tokenize = False
+        counts = await self.count_tokens([str(m.get("content") or "") for m in messages])
+        return sum(counts) + self._PER_MESSAGE_OVERHEAD * (len(messages) + 1)
+
+    async def _tokenize(self, body: dict) -> dict:
+        return await self.client.post_json("/tokenize", {"model": await self.models.model(), **body},
+                                           idempotent=True)
+
+    async def chat(self, body: dict) -> dict:
+        return await self.client.post_json("/v1/chat/completions", {**body, "model": await self.models.model()})
+
+    async def stream_chat(self, body: dict) -> AsyncIterator[dict]:
+        body = {**body, "model": await self.models.model(), "stream": True,
+                "stream_options": {"include_usage": True}}
+        async for event in self.client.stream_sse("/v1/chat/completions", body):
+            yield event
+
+
+def _count(reply: dict) -> int:
+    return int(reply["count"]) if "count" in reply else len(reply.get("tokens", []))
+
+
+def dependency_status(exc: Exception) -> str:
+    if isinstance(exc, APIError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,153 @@
+"""Answering with retrieval: query → candidates → optional rerank → a prompt that fits the LLM → the answer.
+
+The prompt keeps what repeats across requests first and byte-identical, so the LLM's prefix cache hits:
+[system: fixed instructions] [earlier turns, oldest dropped first if needed] [user: numbered sources + question].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from common.errors import APIError, bad_request
+from common.schemas.retriever import Citation, Citations, GenerateRequest
+from services.retriever.dependencies import LLMClient, RerankClient
+from services.retriever.knowledge_base import Hit, KnowledgeBase
+
+log = logging.getLogger(__name__)
+
+QUESTION_TEMPLATE = "Sources:\n{sources}\n\nQuestion: {question}"
+NO_SOURCES = "(no sources found)"
+_TEMPLATE_MARGIN = 16  # tokens for separators the per-piece counts do not see
+
+
+@dataclass(slots=True)
+class PreparedAnswer:
+    messages: list[dict]
+    citations: Citations | None
+    body: dict
+
+
+def source_block(number: int, hit: Hit) -> str:
+    page = hit.chunk.metadata.get("page")
+    where = f"{hit.chunk.document_name}, page {page}" if page is not None else hit.chunk.document_name
+    return f"[{number}] ({where}) {hit.chunk.content}"
+
+
+class RagPipeline:
+    def __init__(self, knowledge_base: KnowledgeBase, llm: LLMClient, reranker: RerankClient | None, *,
+                 system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int) -> None:
+        self.kb, self.llm, self.reranker = knowledge_base, llm, reranker
+        self.system_prompt = system_prompt
+        self.vdb_top_k, self.reranker_top_k = vdb_top_k, reranker_top_k
+        self.default_max_tokens = default_max_tokens
+
+    async def rerank_by_default(self) -> bool:
+        """Rerank by default only behind a cross-encoder; the bundled LLM scorer is slow and adds little."""
+        if self.reranker is None:
+            return False
+        try:
+            return await self.reranker.scorer_kind() == "cross_encoder"
+        except APIError as exc:
+            log.warning("reranker unavailable, answering without it: %s", exc.message)
+            return False
+
+    async def prepare(self, request: GenerateRequest) -> PreparedAnswer:
+        conversation = [{"role": m.role, "content": m.text} for m in request.messages]
+        user_turns = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+        if not user_turns:
+            raise bad_request("messages must contain a user message (the question)", param="messages")
+        last = user_turns[-1]
+        question = conversation[last]["content"]
+        history = [m for m in conversation[:last] if m["role"] != "system"]
+        max_tokens = request.answer_limit or self.default_max_tokens
+        body = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": max_tokens}
+        if request.stop is not None:
+            body["stop"] = request.stop
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if not request.use_knowledge_base:
+            return PreparedAnswer(conversation, None, body)
+        if not request.collections:
+            raise bad_request("collection_names is required when use_knowledge_base is true",
+                              param="collection_names")
+        rerank = request.enable_reranker if request.enable_reranker is not None else await self.rerank_by_default()
+        hits = await self.kb.search(question, request.collections, top_k=request.vdb_top_k or self.vdb_top_k,
+                                    search_type=request.search_type, metadata_filter=request.filter, rerank=rerank,
+                                    reranker_top_k=request.reranker_top_k or self.reranker_top_k)
+        if not rerank:
+            hits = hits[:request.reranker_top_k or self.reranker_top_k]
+        messages, used = await self._fit(question, history, hits, max_tokens)
+        citations = Citations(total_results=len(used), results=[
+            Citation(document_id=h.chunk.document_id, document_name=h.chunk.document_name, content=h.chunk.content,
+                     score=h.score, metadata=h.chunk.metadata) for h in used]) if request.enable_citations else None
+        return PreparedAnswer(messages, citations, body)
+
+    async def _fit(self, question: str, history: list[dict], hits: list[Hit],
+                   max_tokens: int) -> tuple[list[dict], list[Hit]]:
+        """As many sources as fit the context after the system prompt, the conversation and the answer."""
+        context = await self.llm.context_length()
+        system = {"role": "system", "content": self.system_prompt}
+
+        def layout(turns: list[dict], sources: list[str]) -> list[dict]:
+            text = QUESTION_TEMPLATE.format(sources="\n\n".join(sources) or NO_SOURCES, question=question)
+            return [system, *turns, {"role": "user", "content": text}]
+
+        turns = list(history)
+        while True:
+            base = await self.llm.count_messages(layout(turns, []))
+            room = context - max_tokens - base - _TEMPLATE_MARGIN
+            if room >= 0 or not turns:
+                break
+            turns = turns[1:]  # drop the oldest turn first; the question itself is never dropped
+        if room < 0:
+            raise bad_request(f"the question needs {base} tokens and max_tokens is {max_tokens}, but the model's "
+                              f"context is {context} tokens", param="messages")
+        blocks = [source_block(n, hit) for n, hit in enumerate(hits, start=1)]
+        costs = await self.llm.count_tokens(blocks) if blocks else []
+        used: list[Hit] = []
+        sources: list[str] = []
+        for hit, cost in zip(hits, costs, strict=True):
+            cost += 2  # the blank line between sources
+            if cost > room:
+                break
+            room -= cost
+            used.append(hit)
+            sources.append(source_block(len(used), hit))
+        return layout(turns, sources), used
+
+    async def answer(self, prepared: PreparedAnswer) -> dict:
+        reply = await self.llm.chat({**prepared.body, "messages": prepared.messages})
+        if prepared.citations is not None:
+            reply["citations"] = prepared.citations.model_dump()
+        return reply
+
+    async def stream(self, prepared: PreparedAnswer, include_usage: bool) -> AsyncIterator[dict]:
+        """The LLM's chunks, preceded by one carrying the citations; usage only when the caller asked for it."""
+        events = self.llm.stream_chat({**prepared.body, "messages": prepared.messages})
+        first = await anext(events, None)  # a dead LLM fails here, before any byte is sent, as a clean 503
+        opening = {"id": (first or {}).get("id", f"chatcmpl-{uuid.uuid4().hex}"), "object": "chat.completion.chunk",
+                   "created": (first or {}).get("created", int(time.time())), "model": (first or {}).get("model", ""),
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        if prepared.citations is not None:
+            opening["citations"] = prepared.citations.model_dump()
+
+        async def chunks() -> AsyncIterator[dict]:
+            yield opening
+            if first is None:
+                return
+            if include_usage or first.get("choices"):
+                yield first
+            async for event in events:
+                if include_usage or event.get("choices"):
+                    yield event
+
+        return chunks()
+
+
+def sse(event: dict) -> str:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"

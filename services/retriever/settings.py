@@ -1,0 +1,40 @@
+"""Retriever settings, read from `RETRIEVER_*` env vars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import ServiceSettings
+
+
+class RetrieverSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RETRIEVER_", extra="ignore", populate_by_name=True)
+
+    port: int = Field(8080, description="TCP port")
+    data_dir: Path = Field(Path("data/retriever"), description="where the SQLite database and vector indexes live")
+    embed_url: str = Field("http://127.0.0.1:8001", description="embedding service base URL")
+    rerank_url: str = Field("http://127.0.0.1:8002", description="reranking service base URL")
+    llm_url: str = Field("http://127.0.0.1:8000", description="LLM service base URL")
+    embed_model: str = Field("", description="embedding model id (empty: ask the embed service's /v1/models)")
+    rerank_model: str = Field("", description="reranker model id (empty: ask the rerank service's /v1/models)")
+    llm_model: str = Field("", description="LLM model id (empty: ask the LLM service's /v1/models)")
+    tokenizer: str = Field("", description="embedding tokenizer directory for chunking (empty: bundled model's)")
+    embed_max_tokens: int = Field(0, description="embedding model input limit incl. special tokens (0: tokenizer's)")
+    chunk_size: int = Field(512, description="default chunk size in embedding tokens (capped at the model limit)")
+    chunk_overlap: int = Field(128, description="default overlap between neighbouring chunks, in tokens")
+    ann_threshold: int = Field(20_000, description="vectors in a collection above which an HNSW index replaces exact")
+    vdb_top_k: int = Field(40, description="default number of candidates retrieved before reranking")
+    reranker_top_k: int = Field(8, description="default number of chunks kept after reranking")
+    embed_batch_size: int = Field(64, description="texts per embeddings request during ingestion")
+    embed_timeout: float = Field(120.0, description="seconds before an embeddings request fails")
+    rerank_timeout: float = Field(60.0, description="seconds before a ranking request fails")
+    llm_timeout: float = Field(300.0, description="seconds before an LLM request fails")
+    default_max_tokens: int = Field(256, description="answer length when a request names none")
+    system_prompt: str = Field(
+        "You are a helpful assistant. Answer the question using only the numbered sources below. "
+        "Cite sources as [1], [2]. If the sources do not contain the answer, say you do not know.",
+        description="system prompt of RAG answers",
+    )

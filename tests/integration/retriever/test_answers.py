@@ -1,0 +1,113 @@
+"""RAG answers through real embed and LLM processes: citations, streaming, the context budget, prefix reuse."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.retriever.conftest import retriever_env
+from tests.support.processes import ServiceProcess
+
+CONTEXT = 1024  # a small LLM context, so that fitting sources into it is exercised
+FILLER = [f"Warehouse shelf {i} stores {i * 7} boxes of spare gaskets, sorted by size and colour code {i}."
+          for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def llm_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    from tests.integration.retriever.conftest import _require
+
+    _require("llm")
+    process = ServiceProcess("llm", env={"HF_HUB_OFFLINE": "1", "LLM_MAX_MODEL_LEN": str(CONTEXT)},
+                             log_dir=tmp_path_factory.mktemp("llm"))
+    process.start().wait_ready(300)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(embed_process: ServiceProcess, llm_process: ServiceProcess,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    data = tmp_path_factory.mktemp("retriever")
+    env = {**retriever_env(data, embed_process.url), "RETRIEVER_LLM_URL": llm_process.url}
+    with ServiceProcess("retriever", env=env, log_dir=data) as retriever:
+        retriever.wait_ready()
+        with httpx.Client(base_url=retriever.url, timeout=120) as http:
+            http.post("/v1/collections", json={"name": "kb"})
+            documents = [{"text": "The Aquaflow 300 pump must be descaled every 90 days.",
+                          "name": "pump.txt"}] + [{"text": t, "name": f"shelf{i}.txt"} for i, t in enumerate(FILLER)]
+            assert http.post("/v1/documents", json={"collection_name": "kb", "documents": documents}).status_code == 200
+            yield http
+
+
+def _ask(question: str, **extra: object) -> dict:
+    return {"messages": [{"role": "user", "content": question}], "collection_names": ["kb"], "temperature": 0,
+            "max_tokens": 32, **extra}
+
+
+def test_answer_states_the_fact_and_cites_its_document(client: httpx.Client) -> None:
+    reply = client.post("/v1/chat/completions", json=_ask("How often must the Aquaflow 300 pump be descaled?"))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert "90" in body["choices"][0]["message"]["content"]
+    citations = body["citations"]
+    assert citations["results"][0]["document_name"] == "pump.txt"
+    assert citations["total_results"] == len(citations["results"])
+    assert body["usage"]["prompt_tokens"] > 0 and "cached_tokens" in body["usage"]["prompt_tokens_details"]
+
+
+def test_streaming_sends_citations_first_and_ends_with_done(client: httpx.Client) -> None:
+    events = []
+    with client.stream("POST", "/v1/generate", json=_ask("How often must the Aquaflow 300 pump be descaled?",
+                                                         stream=True)) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[5:]) for line in lines[:-1]]
+    assert events[0]["citations"]["results"][0]["document_name"] == "pump.txt"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert "90" in text
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_sources_fill_the_context_but_never_overflow_it(client: httpx.Client) -> None:
+    # 41 candidates of ~25 tokens do not all fit 1024 - 300 tokens; the LLM would answer 400 if they overflowed.
+    reply = client.post("/v1/chat/completions", json=_ask("Which shelf stores gaskets?", vdb_top_k=41,
+                                                          reranker_top_k=41, max_tokens=300, search_type="sparse",
+                                                          stop=["\n"]))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    used = body["citations"]["total_results"]
+    assert 5 < used < 41
+    assert body["usage"]["prompt_tokens"] + 300 <= CONTEXT
+
+
+def test_the_shared_prompt_prefix_is_reused_across_questions(client: httpx.Client) -> None:
+    client.post("/v1/chat/completions", json=_ask("Which shelf stores 70 boxes?"))
+    second = client.post("/v1/chat/completions", json=_ask("Where are the gaskets for shelf 3?")).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_earlier_turns_are_kept_and_knowledge_base_can_be_skipped(client: httpx.Client) -> None:
+    earlier = [{"role": "user", "content": "I maintain the Aquaflow pumps in building C."},
+               {"role": "assistant", "content": "Understood, building C pumps."}]
+    question = {"role": "user", "content": "How often must the Aquaflow 300 pump be descaled?"}
+    alone = client.post("/v1/chat/completions", json={**_ask(""), "messages": [question], "max_tokens": 4}).json()
+    with_turns = client.post("/v1/chat/completions", json={**_ask(""), "messages": [*earlier, question],
+                                                           "max_tokens": 4}).json()
+    # Same question, same sources: the extra prompt tokens are the earlier turns, kept in the prompt.
+    assert with_turns["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 15
+    assert with_turns["citations"]["results"] == alone["citations"]["results"]
+    skipped = client.post("/v1/chat/completions", json={"messages": [question], "use_knowledge_base": False,
+                                                        "temperature": 0, "max_tokens": 4})
+    assert skipped.status_code == 200 and "citations" not in skipped.json()
+    assert skipped.json()["usage"]["prompt_tokens"] < alone["usage"]["prompt_tokens"]
+
+
+def test_a_question_too_long_for_the_context_is_a_400_with_numbers(client: httpx.Client) -> None:
+    reply = client.post("/v1/chat/completions", json=_ask("why " * 900, max_tokens=200))
+    assert reply.status_code == 400
+    assert str(CONTEXT) in reply.json()["error"]["message"]
