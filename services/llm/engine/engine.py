@@ -1,0 +1,306 @@
+"""The engine: requests in, tokens out, one `step()` at a time.
+
+A step is schedule → run the model → post-process. `add_request`, `step` and `abort` may be called from
+different threads: a lock serializes them, and an abort that arrives mid-step is applied as the step ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from services.llm.engine.block_manager import BlockManager
+from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
+from services.llm.engine.runner import ModelRunner, kv_bytes_per_block
+from services.llm.engine.sampling_params import SamplingParams
+from services.llm.engine.scheduler import ScheduledBatch, Scheduler
+from services.llm.engine.sequence import Request, Sequence
+from services.llm.layers.sampler import SamplerOutput
+from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_gib: float = 1.0  # CPU: the KV pool's size
+    gpu_memory_utilization: float = 0.85  # GPU: share of device memory for weights, activations and KV pool
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        started = time.perf_counter()
+        loaded = load_model(config.model, self.device, self.dtype)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.eos_token_ids = loaded.eos_token_ids
+        self.max_model_len = self._max_model_len(loaded)
+        num_blocks = self._num_kv_blocks(loaded)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, config.block_size,
+                                  num_blocks, self.eos_token_ids, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending_aborts: deque[str] = deque()
+        self._abort_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1fs)",
+                 self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len,
+                 time.perf_counter() - started)
+
+    # ---- public API -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        params.validate()
+        self._validate_prompt(prompt_token_ids, params)
+        with self._lock:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
+                              timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.time()))
+            for index in range(params.n):
+                request.seqs.append(self._new_sequence(request, index))
+            first, *siblings = request.seqs
+            # Siblings start once the first has its prompt in the cache, and then share those blocks.
+            request.held_back = siblings
+            self.requests[request_id] = request
+            self.scheduler.add(first)
+
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            outputs, self._abort_outputs = self._abort_outputs, []
+            batch = self.scheduler.schedule()
+            if batch:
+                self._mark_scheduled(batch)
+                sampled_seqs, sampled = self.runner.execute(batch)
+                outputs += self._postprocess(batch, sampled_seqs, sampled)
+            while self._pending_aborts:
+                self._abort_now(self._pending_aborts.popleft())
+            return outputs
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request wherever it is and frees its blocks; its final output (finish_reason "abort")
+        comes from the next `step()`. Unknown or finished ids are ignored."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._abort_now(request_id)
+            finally:
+                self._lock.release()
+        else:
+            self._pending_aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._abort_outputs) or bool(self._pending_aborts)
+
+    def stats(self) -> EngineStats:
+        manager, scheduler = self.block_manager, self.scheduler
+        return EngineStats(num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                           kv_usage=manager.usage, num_free_blocks=manager.num_free_blocks,
+                           num_total_blocks=manager.num_blocks, prefix_cache_queries=scheduler.prefix_cache_queries,
+                           prefix_cache_hits=scheduler.prefix_cache_hits, num_preemptions=scheduler.num_preemptions,
+                           prompt_tokens_total=self.prompt_tokens_total,
+                           generation_tokens_total=self.generation_tokens_total)
+
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Offline: runs the prompts to completion, returns their final outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        batch_id = next(self._seq_ids)
+        ids = [f"generate-{batch_id}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            token_ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+            self.add_request(request_id, token_ids, p)
+        wanted = set(ids)
+        finals: dict[str, RequestOutput] = {}
+        logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as progress:
+            while len(finals) < len(ids):
+                for output in self.step():
+                    if output.request_id not in wanted:
+                        continue
+                    for completion in output.outputs:
+                        logprobs.setdefault((output.request_id, completion.index), []).extend(
+                            completion.logprobs or [])
+                    if output.finished:
+                        finals[output.request_id] = output
+                        progress.update(1)
+        # Offline callers get whole completions: every token "new", every logprob gathered.
+        for request_id, output in finals.items():
+            for completion in output.outputs:
+                completion.new_token_ids = list(completion.token_ids)
+                if completion.logprobs is not None:
+                    completion.logprobs = logprobs[(request_id, completion.index)]
+        return [finals[request_id] for request_id in ids]
+
+    # ---- internals --------------------------------------------------------------------------------------
+
+    def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds the model's context length of {self.max_model_len} tokens")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds the KV cache's capacity of {capacity} tokens")
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.params.seed + index)
+        return Sequence(seq_id=next(self._seq_ids), request=request, index=index,
+                        token_ids=list(request.prompt_token_ids), num_prompt_tokens=len(request.prompt_token_ids),
+                        generator=generator)
+
+    def _mark_scheduled(self, batch: ScheduledBatch) -> None:
+        now = time.time()
+        for seq in batch.seqs:
+            request = seq.request
+            if request.timings.first_scheduled is None:
+                request.timings.first_scheduled = now
+                request.num_cached_tokens = seq.num_computed_tokens
+                self.prompt_tokens_total += seq.num_prompt_tokens
+
+    def _postprocess(self, batch: ScheduledBatch, sampled_seqs: list[Sequence],
+                     sampled: SamplerOutput | None) -> list[RequestOutput]:
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit_computed_blocks(seq)
+        if sampled is None:
+            return []
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, token, logprob in zip(sampled_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.new_logprobs.append(TokenLogprob(token_id=token, logprob=logprob[0], top=logprob[1]))
+            self._check_finished(seq, token)
+            request = seq.request
+            if seq.index == 0 and request.held_back:
+                for sibling in reversed(request.held_back):
+                    self.scheduler.add(sibling, front=True)
+                request.held_back = []
+            touched[request.request_id] = request
+        self.generation_tokens_total += len(sampled_seqs)
+        outputs = []
+        for request in touched.values():
+            timings = request.timings
+            timings.first_token = timings.first_token or now
+            timings.token_times.append(now)
+            if request.is_finished:
+                timings.finished = now
+                del self.requests[request.request_id]
+            outputs.append(self._request_output(request))
+        return outputs
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_token_id = "stop", token
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _abort_now(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+        request.held_back = []
+        request.timings.finished = time.time()
+        self._abort_outputs.append(self._request_output(request))
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            output_ids = seq.output_token_ids
+            new = output_ids[seq.num_returned_tokens:]
+            seq.num_returned_tokens = len(output_ids)
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs, seq.new_logprobs = seq.new_logprobs, []
+            completions.append(CompletionOutput(index=seq.index, token_ids=output_ids, new_token_ids=new,
+                                                logprobs=logprobs, finish_reason=seq.finish_reason,
+                                                stop_token_id=seq.stop_token_id))
+        return RequestOutput(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                             outputs=completions, finished=request.is_finished,
+                             num_cached_tokens=request.num_cached_tokens, timings=request.timings)
+
+    def _max_model_len(self, loaded: LoadedModel) -> int:
+        limit = loaded.config.max_position_embeddings
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return limit
+        if not 0 < wanted <= limit:
+            raise ValueError(f"max_model_len {wanted} must be between 1 and the model's {limit} positions")
+        return wanted
+
+    def _num_kv_blocks(self, loaded: LoadedModel) -> int:
+        per_block = kv_bytes_per_block(loaded.config, self.config.block_size, self.dtype)
+        budget = self._gpu_kv_budget(loaded) if self.device.type == "cuda" else int(self.config.kv_cache_gib * 2 ** 30)
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks} blocks of "
+                             f"{per_block} bytes; at least 2 are needed")
+        return num_blocks
+
+    def _gpu_kv_budget(self, loaded: LoadedModel) -> int:
+        """Device memory left for the KV pool after the weights and the activations of a full-size step."""
+        from services.llm.engine.runner import warm_up_peak_bytes
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        peak = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.config.block_size,
+                                  min(self.max_model_len, self.config.max_num_batched_tokens))
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {self.config.gpu_memory_utilization} leaves no room for the "
+                             f"KV cache (weights + activations peak at {peak / 2**30:.1f} GiB)")
+        return budget

@@ -1,0 +1,126 @@
+"""Runs one scheduled batch through the model: pack the step's tokens, forward, sample.
+
+Owns the model, the per-layer KV cache tensors and the sampler. Inputs are built with a handful of tensor
+ops (no per-token Python) because on CPU the per-step overhead is a visible share of decode time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from services.llm.config import ModelConfig
+from services.llm.engine.scheduler import ScheduledBatch
+from services.llm.engine.sequence import Sequence
+from services.llm.layers.attention import AttentionMetadata
+from services.llm.layers.sampler import Sampler, SamplerOutput, SamplingRow
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int) -> None:
+        self.model, self.config, self.device, self.dtype = model, config, device, dtype
+        self.block_size = block_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # empty + zero_ writes every page now: a lazily mapped pool faults pages in mid-step, tens of ms each.
+        self.kv_cache = [(torch.empty(shape, dtype=dtype, device=device).zero_(),
+                          torch.empty(shape, dtype=dtype, device=device).zero_()) for _ in range(config.num_layers)]
+        for layer, (k_cache, v_cache) in zip(model.attention_layers(), self.kv_cache, strict=True):
+            layer.bind_cache(k_cache, v_cache)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        self.sampler = Sampler(generator)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Runs the batch; returns the sequences that reached their last token and what was sampled for them."""
+        input_ids, positions, meta, last_rows, sampling_seqs = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        if not sampling_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[last_rows])
+        rows = [self._sampling_row(seq) for seq in sampling_seqs]
+        return sampling_seqs, self.sampler(logits, rows)
+
+    def _prepare(self, batch: ScheduledBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Sequence]]:
+        tokens: list[int] = []
+        starts: list[int] = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + num_new]
+            starts.append(start)
+        device = self.device
+        num_new = torch.tensor(batch.num_new_tokens, dtype=torch.int32)
+        start_t = torch.tensor(starts, dtype=torch.int32)
+        seq_lens = start_t + num_new
+        cu_seqlens = torch.zeros(len(batch) + 1, dtype=torch.int32)
+        torch.cumsum(num_new, 0, out=cu_seqlens[1:])
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        block_tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs],
+                                    dtype=torch.int32)
+        decode_only = len(tokens) == len(batch)
+        if decode_only:
+            positions = start_t.long()
+            owner = torch.arange(len(batch))
+        else:
+            owner = torch.repeat_interleave(torch.arange(len(batch)), num_new)
+            positions = (torch.arange(len(tokens)) - cu_seqlens[:-1].long()[owner]) + start_t.long()[owner]
+        slot_mapping = block_tables[owner, positions // self.block_size].long() * self.block_size \
+            + positions % self.block_size
+        reaches_end = seq_lens == torch.tensor([seq.num_tokens for seq in batch.seqs], dtype=torch.int32)
+        last_rows = (cu_seqlens[1:] - 1)[reaches_end].long()
+        sampling_seqs = [seq for seq, done in zip(batch.seqs, reaches_end.tolist(), strict=True) if done]
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
+                                 cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
+                                 decode_only=decode_only)
+        input_ids = torch.tensor(tokens, dtype=torch.long).to(device)
+        return input_ids, positions.to(device), meta, last_rows.to(device), sampling_seqs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+        uses_history = params.uses_penalties
+        return SamplingRow(params=params,
+                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens] if uses_history else [],
+                           output_token_ids=seq.output_token_ids if uses_history else [],
+                           generator=seq.generator, banned_token_ids=banned)
+
+
+@torch.inference_mode()
+def warm_up_peak_bytes(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                       block_size: int, num_tokens: int) -> int:
+    """Peak device memory of one full-size prefill step, run against a throwaway cache just big enough."""
+    num_blocks = -(-num_tokens // block_size)
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+              for _ in range(config.num_layers)]
+    for layer, (k_cache, v_cache) in zip(model.attention_layers(), caches, strict=True):
+        layer.bind_cache(k_cache, v_cache)
+    positions = torch.arange(num_tokens, device=device)
+    meta = AttentionMetadata(slot_mapping=positions.clone(),
+                             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
+                             cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+                             seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+                             decode_only=False)
+    input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    hidden = model(input_ids, positions, meta)
+    model.compute_logits(hidden[-1:])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del caches, hidden
+    torch.cuda.empty_cache()
+    log.info("warm-up step of %d tokens peaks at %.2f GiB", num_tokens, peak / 2**30)
+    return peak

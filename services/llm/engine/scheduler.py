@@ -1,0 +1,120 @@
+"""In-flight batching: which sequences run this step, and how many of their tokens.
+
+Each step first continues the running sequences (a decode token, or the next prefill chunk), then admits
+waiting ones first-come-first-served while the token budget, `max_num_seqs` and free KV blocks allow.
+When blocks run out, the newest running sequence is preempted: its blocks are freed and it is recomputed
+later (its finished blocks usually survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.llm.engine.block_manager import BlockManager
+from services.llm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per sequence, starting at its num_computed_tokens
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        assert num_new_tokens > 0
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        assert seq.status is SequenceStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(batch, budget)
+        budget -= sum(batch.num_new_tokens)
+        # After a preemption there is no room to spare: admitting now would only preempt again.
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
+        manager = self.block_manager
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            # A prefill chunk shrinks to the free blocks before anyone is preempted for it.
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, max(manager.room_for(seq), 1))
+            while not manager.can_grow(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                manager.grow(seq, num_new)
+                batch.add(seq, num_new)
+                budget -= num_new
+                i += 1
+        return preempted
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        manager = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = manager.prefix_match(seq)
+            num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget,
+                          manager.room_after(cached))
+            if num_new <= 0 or not manager.can_admit(cached, num_new):
+                break
+            self.waiting.popleft()
+            manager.admit(seq, cached, num_new)
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Takes a finished sequence out of the running set and frees its blocks at once."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a sequence wherever it is (abort), freeing its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

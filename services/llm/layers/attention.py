@@ -1,0 +1,43 @@
+"""Attention over the paged KV cache: store the step's keys and values, then attend.
+
+Every layer gets the same `AttentionMetadata` for a step; the runner binds each layer's cache tensors once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.llm.kernels import attention, kv_store
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's key and value go
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: each sequence's new tokens within the packed batch
+    seq_lens: torch.Tensor  # [B] int32: total length in the cache, new tokens included
+    decode_only: bool  # one new token per sequence: the cheaper decode kernel applies
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q `[T, Hq, D]`, k and v `[T, Hkv, D]` → `[T, Hq, D]`."""
+        kv_store.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return attention.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                    meta.seq_lens, self.scale)
+        return attention.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                         meta.seq_lens, self.scale)

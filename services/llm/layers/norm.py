@@ -1,0 +1,21 @@
+"""RMSNorm as a module, with the residual add fused in when one is given."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.llm.kernels import norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return norm.rms_norm(x, self.weight, self.eps)
+        return norm.fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,135 @@
+"""Turns a batch of last-position logits into next tokens, vectorized over the batch.
+
+Order: penalties and min_tokens act on the logits; greedy rows take the argmax; the other rows are scaled
+by temperature, filtered by top-k / top-p / min-p, and sampled with the exponential race
+(argmax of p / E, E ~ Exp(1)), whose noise comes from the row's own generator when the request is seeded
+so that a seed gives the same text whatever else shares the batch. Logprobs are the model's own (raw logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.llm.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    banned_token_ids: list[int]  # EOS and stop tokens while min_tokens is not yet reached
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # per row: (sampled logprob, top-k), or None
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # noise for unseeded rows
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        logits = logits.float()
+        params = [row.params for row in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        if any(p.uses_penalties for p in params):
+            logits = apply_penalties(logits, rows)
+        if any(row.banned_token_ids for row in rows):
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                if row.banned_token_ids:
+                    logits[i, row.banned_token_ids] = float("-inf")
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            index = torch.tensor(sampled_rows, device=logits.device)
+            sub = logits[index]
+            sub_params = [params[i] for i in sampled_rows]
+            temperature = torch.tensor([p.temperature for p in sub_params], device=logits.device)
+            probs = filter_probs(torch.softmax(sub / temperature[:, None], dim=-1), sub_params)
+            noise = self._exponential_noise(probs, [rows[i].generator for i in sampled_rows])
+            tokens[index] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params))
+
+    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if len(unseeded) == len(generators):
+            return noise.exponential_(generator=self.generator).clamp_(min=torch.finfo(noise.dtype).tiny)
+        if unseeded:
+            rest = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
+            noise[unseeded] = rest.exponential_(generator=self.generator)
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (CTRL style); presence/frequency over output tokens."""
+    batch, vocab = logits.shape
+    device = logits.device
+    counts = torch.zeros((batch, vocab), device=device)
+    seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        if not row.params.uses_penalties:
+            continue
+        if row.output_token_ids:
+            out = torch.tensor(row.output_token_ids, device=device)
+            counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
+        if row.params.repetition_penalty != 1.0:
+            seen[i, row.prompt_token_ids] = True
+    seen |= counts > 0
+    repetition = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Zeroes tokens outside top-k, the top-p nucleus, or below min_p × the top probability."""
+    device = probs.device
+    vocab = probs.shape[1]
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=device)[None, :]
+        drop = rank >= top_k[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        # Nucleus over what top-k left, renormalized; a token stays if the mass before it is below top_p.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        total = sorted_probs.sum(dim=-1, keepdim=True)
+        drop |= mass_before > top_p[:, None] * total
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def _gather_logprobs(raw: torch.Tensor | None, tokens: list[int], params: list[SamplingParams]
+                     ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    if raw is None:
+        return [None] * len(tokens)
+    k = max(p.logprobs or 0 for p in params)
+    chosen = raw[torch.arange(len(tokens), device=raw.device), torch.tensor(tokens, device=raw.device)].tolist()
+    top_values, top_ids = (raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long()))
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    result: list[tuple[float, list[tuple[int, float]]] | None] = []
+    for i, p in enumerate(params):
+        if p.logprobs is None:
+            result.append(None)
+        else:
+            result.append((chosen[i], list(zip(top_ids[i][:p.logprobs], top_values[i][:p.logprobs], strict=True))))
+    return result
