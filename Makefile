@@ -18,11 +18,12 @@ $(VENV)/.installed: pyproject.toml
 lint: install
 	$(VENV)/bin/ruff check .
 
+# One torch thread per process: the suite runs several model servers at once on a small machine.
 test: install lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
 
 up: install
 	@echo "make up: not yet available (the local launcher lands with the compose/launcher issue)"
