@@ -116,3 +116,26 @@ def test_without_prefix_caching_matches_transformers(tiny_models, make_engine, p
     assert [o.outputs[0].token_ids for o in outputs] == expected["llama"]
     assert engine.stats().prefix_cache_hits == 0
     assert_no_leaks(engine)
+
+
+def test_decode_graph_path_matches_transformers(tiny_models, make_engine, prompts, expected) -> None:
+    """The runner's CUDA-graph branch, run on CPU: with no graph captured, `DecodeGraphRunner.run` calls the
+    decode step on the live inputs, so this checks the step and the branch wiring; the replay is tests/gpu's."""
+    engine = make_engine(tiny_models["llama"])
+    engine.runner.capture_decode_graphs(max_batch=4, max_model_len=engine.max_model_len)
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and not graphs.enabled  # CPU buffers: nothing is captured
+    graphs.enabled = True
+    calls = 0
+    step = graphs.step
+
+    def counted(inputs):
+        nonlocal calls
+        calls += 1
+        return step(inputs)
+
+    graphs.step = counted
+    finals = run_staggered(engine, prompts, greedy())
+    assert [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))] == expected["llama"]
+    assert calls > 0
+    assert_no_leaks(engine)
