@@ -62,9 +62,10 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(llm_server: ServiceProcess) -
         for line in response.iter_lines():
             received += line.startswith("data: ")
             if received == 3:
+                # Read while still connected: leaving the loop closes the stream, and the server aborts at once.
+                busy = read_metrics(llm_server.url)
                 break
-        busy = read_metrics(llm_server.url)
-    assert busy["llm:num_requests_running"] == 1 and busy["llm:kv_cache_usage_perc"] > 0
+    assert busy["llm:num_requests_running"] == 1 and busy["llm:kv_cache_usage_perc"] > 0, busy
     after = wait_until_idle(llm_server.url, 1.0)
     assert after["llm:num_requests_running"] == 0
     assert after["llm:kv_cache_usage_perc"] == 0
