@@ -275,7 +275,9 @@ def main() -> None:
                  ["SQuAD gold-paragraph EM / F1 (ceiling)", "",
                   f"{sq['gold_paragraph']['em']:.3f} / {sq['gold_paragraph']['f1']:.3f}"]]  # type: ignore[index]
     print_table("RAG evaluation (REST API, default models)", ["metric", "ours", "reference"], rows)
-    path = save_result("rag_eval", workload={k: v for k, v in vars(args).items() if not k.endswith("_url")},
+    # a SQuAD-only run must not overwrite the SciFact record written under "rag_eval"
+    name = "rag_eval" if "scifact" in results else "rag_eval_squad"
+    path = save_result(name, workload={k: v for k, v in vars(args).items() if not k.endswith("_url")},
                        ours=results, peer={"scifact_published_test_split": PUBLISHED,
                                            "squad_gold_paragraph": (results.get("squad") or {}).get("gold_paragraph")})
     print(f"\nwrote {path}")
