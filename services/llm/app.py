@@ -72,7 +72,7 @@ def load_engine(settings: LLMSettings, model: str) -> Any:
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                          seed=settings.seed)
+                          seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager)
     return LLMEngine(config)
 
 
@@ -119,6 +119,7 @@ class LLMService:
         metadata: dict[str, object] = {"root": self.model_path}
         if self.serving is not None:
             metadata["max_model_len"] = self.max_model_len
+            metadata["hardware"] = self.loop().engine.hardware.describe()
         return [ModelCard(self.model_id, metadata=metadata)]
 
     def check_model(self, model: str | None) -> None:

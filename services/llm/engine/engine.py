@@ -22,10 +22,14 @@ from services.llm.engine.runner import ModelRunner, kv_bytes_per_block
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
+from services.llm.kernels.hardware import detect_hardware
 from services.llm.layers.sampler import SamplerOutput
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+# Decode batches up to this size replay CUDA graphs; bigger ones are compute-bound and gain little from them.
+MAX_GRAPH_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -33,7 +37,7 @@ class EngineConfig:
     model: str
     device: str = "auto"
     dtype: str = "auto"
-    block_size: int = 16
+    block_size: int | None = None  # None: the hardware profile's
     kv_cache_gib: float = 1.0  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.85  # GPU: share of device memory for weights, activations and KV pool
     max_num_seqs: int = 256
@@ -41,9 +45,10 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    enable_cuda_graphs: bool = True  # decode steps replay captured graphs where the hardware profile allows
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
@@ -57,8 +62,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         started = time.perf_counter()
+        # Like a NIM profile: the device picks dtype, kernels, block size and graphs unless configured.
+        self.hardware = detect_hardware(self.device, None if config.dtype == "auto"
+                                        else resolve_dtype(config.dtype, self.device))
+        log.info("hardware profile: %s", self.hardware.describe())
+        self.dtype = self.hardware.dtype
+        self.block_size = config.block_size or self.hardware.kv_block_size
         loaded = load_model(config.model, self.device, self.dtype)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -66,10 +76,12 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = self._max_model_len(loaded)
         num_blocks = self._num_kv_blocks(loaded)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, config.block_size,
+        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks, self.eos_token_ids, config.seed)
+        if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs:
+            self.runner.capture_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
@@ -78,7 +90,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1fs)",
-                 self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len,
+                 self.model_name, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len,
                  time.perf_counter() - started)
 
     # ---- public API -------------------------------------------------------------------------------------
@@ -282,7 +294,7 @@ class LLMEngine:
         return wanted
 
     def _num_kv_blocks(self, loaded: LoadedModel) -> int:
-        per_block = kv_bytes_per_block(loaded.config, self.config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(loaded.config, self.block_size, self.dtype)
         budget = self._gpu_kv_budget(loaded) if self.device.type == "cuda" else int(self.config.kv_cache_gib * 2 ** 30)
         num_blocks = budget // per_block
         if num_blocks < 2:
@@ -296,7 +308,7 @@ class LLMEngine:
 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        peak = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.config.block_size,
+        peak = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   min(self.max_model_len, self.config.max_num_batched_tokens))
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = int(total * self.config.gpu_memory_utilization) - peak

@@ -7,6 +7,7 @@ ops (no per-token Python) because on CPU the per-step overhead is a visible shar
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from services.llm.engine.scheduler import ScheduledBatch
 from services.llm.engine.sequence import Sequence
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.sampler import Sampler, SamplerOutput, SamplingRow
+
+if TYPE_CHECKING:
+    from services.llm.kernels.cuda_graphs import DecodeGraphRunner
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +44,42 @@ class ModelRunner:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
+        self.decode_graphs: DecodeGraphRunner | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
+        from services.llm.kernels.cuda_graphs import DecodeGraphRunner
+
+        device, max_blocks = self.device, -(-max_model_len // self.block_size)
+        buffers = {"input_ids": torch.zeros(max_batch, dtype=torch.long, device=device),
+                   "positions": torch.zeros(max_batch, dtype=torch.long, device=device),
+                   "slot_mapping": torch.full((max_batch,), -1, dtype=torch.long, device=device),
+                   "block_tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
+                   "seq_lens": torch.zeros(max_batch, dtype=torch.int32, device=device)}
+        padding = {"slot_mapping": -1, "seq_lens": 0}  # padding rows write no cache slot and attend to nothing
+        self.decode_graphs = DecodeGraphRunner(self._decode_logits, buffers, padding=padding)
+        self.decode_graphs.capture()
+
+    def _decode_logits(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The decode kernels never read cu_seqlens_q; seq_lens stands in so no tensor is made during capture.
+        meta = AttentionMetadata(slot_mapping=x["slot_mapping"], block_tables=x["block_tables"],
+                                 cu_seqlens_q=x["seq_lens"], seq_lens=x["seq_lens"], decode_only=True)
+        return self.model.compute_logits(self.model(x["input_ids"], x["positions"], meta))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Runs the batch; returns the sequences that reached their last token and what was sampled for them."""
         input_ids, positions, meta, last_rows, sampling_seqs = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
         if not sampling_seqs:
+            self.model(input_ids, positions, meta)
             return [], None
-        logits = self.model.compute_logits(hidden[last_rows])
+        graphs = self.decode_graphs
+        if graphs is not None and meta.decode_only and graphs.padded_size(len(batch)) is not None \
+                and meta.block_tables.shape[1] <= graphs.buffers["block_tables"].shape[1]:
+            logits = graphs.run({"input_ids": input_ids, "positions": positions, "slot_mapping": meta.slot_mapping,
+                                 "block_tables": meta.block_tables, "seq_lens": meta.seq_lens})[last_rows]
+        else:
+            logits = self.model.compute_logits(self.model(input_ids, positions, meta)[last_rows])
         rows = [self._sampling_row(seq) for seq in sampling_seqs]
         return sampling_seqs, self.sampler(logits, rows)
 

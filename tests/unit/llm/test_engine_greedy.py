@@ -139,3 +139,12 @@ def test_decode_graph_path_matches_transformers(tiny_models, make_engine, prompt
     assert [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))] == expected["llama"]
     assert calls > 0
     assert_no_leaks(engine)
+
+
+def test_large_decode_batch_matches_transformers(tiny_models, make_engine) -> None:
+    """More decodes than one CPU attention group (sorted by length, run group by group)."""
+    many = random_prompts(20, 3, 90, seed=11)
+    engine = make_engine(tiny_models["llama"])
+    outputs = engine.generate(many, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(tiny_models["llama"], many, NEW_TOKENS)
+    assert_no_leaks(engine)

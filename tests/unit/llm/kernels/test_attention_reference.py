@@ -69,3 +69,15 @@ def test_decode_reference_slices_batches_over_the_gather_budget(monkeypatch: pyt
     got = attention.paged_decode_attention_reference(q, k_cache, v_cache, tables, torch.tensor(seq_lens), 0.2)
     want = oracle_attention(q, k_cache, v_cache, tables, list(range(len(seq_lens) + 1)), seq_lens, 0.2)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_reference_groups_large_cpu_batches_by_length() -> None:
+    from services.llm.kernels import attention
+
+    seq_lens = [29, 3, 17, 1, 40, 8, 9, 33, 16, 2, 24, 11, 5, 38, 7, 20, 13, 31, 6, 19]  # unsorted, > one group
+    assert len(seq_lens) > 2 * attention._CPU_DECODE_GROUP
+    k_cache, v_cache, tables = build_paged_cache(seq_lens, 2, 16, BLOCK, seed=3)
+    q = torch.randn(len(seq_lens), 6, 16)
+    got = attention.paged_decode_attention_reference(q, k_cache, v_cache, tables, torch.tensor(seq_lens), 0.25)
+    want = oracle_attention(q, k_cache, v_cache, tables, list(range(len(seq_lens) + 1)), seq_lens, 0.25)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
