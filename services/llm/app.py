@@ -119,7 +119,10 @@ class LLMService:
         metadata: dict[str, object] = {"root": self.model_path}
         if self.serving is not None:
             metadata["max_model_len"] = self.max_model_len
-            metadata["hardware"] = self.loop().engine.hardware.describe()
+            engine = self.loop().engine
+            # The profile says what the device allows; whether graphs were captured is the runner's to say.
+            metadata["hardware"] = {**engine.hardware.describe(),
+                                    "cuda_graphs": engine.runner.decode_graphs is not None}
         return [ModelCard(self.model_id, metadata=metadata)]
 
     def check_model(self, model: str | None) -> None:
