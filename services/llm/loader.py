@@ -92,7 +92,7 @@ def _download(repo_id: str) -> Path:
 
     log.info("%s is not a local path; fetching it as a hub id", repo_id)
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))  # ok-hub: only for an explicit hub id (SPEC §3)
 
 
 def _read_hf_directory(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Any]:
