@@ -20,7 +20,7 @@ from common.errors import install_error_handlers
 from common.guards import BearerAuth, BodySizeLimit
 from common.health import Readiness, health_router
 from common.metrics import install_http_metrics, metrics_router
-from common.settings import ServiceSettings
+from common.settings import ServiceSettings, settings_help
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -75,3 +75,17 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
     """Run the guarded app under uvicorn until SIGINT/SIGTERM; shutdown runs the app's lifespan exit."""
     uvicorn.run(guarded(app, settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+
+
+def run_service(settings_cls: type[ServiceSettings], description: str,
+                app_builder: Callable[[], Callable[[ServiceSettings], FastAPI]]) -> None:
+    """The whole `python -m services.<name>` entry point: --help, settings from env, logging, serve.
+
+    `app_builder` returns the service's `build_app`; it is called after --help so that listing the settings
+    never waits for the service's heavy imports (torch, transformers).
+    """
+    settings_help(settings_cls, description).parse_args()
+    settings = settings_cls()
+    configure_logging(settings.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dependency call drowns what matters
+    serve(app_builder()(settings), settings)

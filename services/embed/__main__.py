@@ -1,20 +1,23 @@
-"""`python -m services.embed`: the embedding server (settings from EMBED_* env vars; see --help)."""
+"""`python -m services.embed`: the embedding server (settings from `EMBED_*` env vars; `--help` lists them)."""
 
 from __future__ import annotations
 
-from common.settings import settings_help
+from collections.abc import Callable
+from typing import Any
+
+from common.service import run_service
 from services.embed.settings import EmbedSettings
 
 
-def main() -> None:
-    settings_help(EmbedSettings, "OpenAI/NIM-compatible embedding server (POST /v1/embeddings)").parse_args()
-    # Imported after --help so that listing the settings does not wait for torch to import.
-    from common.service import configure_logging, serve
+def _build_app() -> Callable[..., Any]:
+    """The service's build_app, imported only after --help (torch and friends are slow to import)."""
     from services.embed.app import build_app
 
-    settings = EmbedSettings()
-    configure_logging(settings.log_level)
-    serve(build_app(settings), settings)
+    return build_app
+
+
+def main() -> None:
+    run_service(EmbedSettings, "OpenAI/NIM-compatible embedding server (POST /v1/embeddings)", _build_app)
 
 
 if __name__ == "__main__":

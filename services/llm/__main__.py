@@ -1,18 +1,23 @@
-"""`python -m services.llm`: the OpenAI-compatible LLM server (settings from `LLM_*` env vars)."""
+"""`python -m services.llm`: the OpenAI-compatible LLM server (settings from `LLM_*` env vars; `--help` lists them)."""
 
 from __future__ import annotations
 
-from common.service import configure_logging, serve
-from common.settings import settings_help
-from services.llm.app import build_app
+from collections.abc import Callable
+from typing import Any
+
+from common.service import run_service
 from services.llm.settings import LLMSettings
 
 
+def _build_app() -> Callable[..., Any]:
+    """The service's build_app, imported only after --help (torch and friends are slow to import)."""
+    from services.llm.app import build_app
+
+    return build_app
+
+
 def main() -> None:
-    settings_help(LLMSettings, "OpenAI-compatible LLM server over the built-in inference engine.").parse_args()
-    settings = LLMSettings()
-    configure_logging(settings.log_level)
-    serve(build_app(settings), settings)
+    run_service(LLMSettings, "OpenAI-compatible LLM server over the built-in inference engine.", _build_app)
 
 
 if __name__ == "__main__":

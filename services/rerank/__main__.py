@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from common.service import configure_logging, serve
-from common.settings import settings_help
-from services.rerank.app import build_app
+from collections.abc import Callable
+from typing import Any
+
+from common.service import run_service
 from services.rerank.settings import RerankSettings
 
 
+def _build_app() -> Callable[..., Any]:
+    """The service's build_app, imported only after --help (torch and friends are slow to import)."""
+    from services.rerank.app import build_app
+
+    return build_app
+
+
 def main() -> None:
-    settings_help(RerankSettings, "Reranking server: NIM /v1/ranking and Cohere-style /v1/rerank.").parse_args()
-    settings = RerankSettings()
-    configure_logging(settings.log_level)
-    serve(build_app(settings), settings)
+    run_service(RerankSettings, "Reranking server: NIM /v1/ranking and Cohere-style /v1/rerank.", _build_app)
 
 
 if __name__ == "__main__":

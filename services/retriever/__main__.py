@@ -1,22 +1,23 @@
-"""`python -m services.retriever`: the RAG server on RETRIEVER_PORT (8080)."""
+"""`python -m services.retriever`: the RAG server (settings from `RETRIEVER_*` env vars; `--help` lists them)."""
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
+from typing import Any
 
-from common.service import configure_logging, serve
-from common.settings import settings_help
-from services.retriever.app import build_app
+from common.service import run_service
 from services.retriever.settings import RetrieverSettings
 
 
+def _build_app() -> Callable[..., Any]:
+    """The service's build_app, imported only after --help (torch and friends are slow to import)."""
+    from services.retriever.app import build_app
+
+    return build_app
+
+
 def main() -> None:
-    settings_help(RetrieverSettings, "RAG retriever: ingestion, vector and BM25 search, answers with citations.") \
-        .parse_args()
-    settings = RetrieverSettings()
-    configure_logging(settings.log_level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dependency call drowns what matters
-    serve(build_app(settings), settings)
+    run_service(RetrieverSettings, "RAG retriever: ingestion, hybrid search, answers with citations.", _build_app)
 
 
 if __name__ == "__main__":
