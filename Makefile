@@ -19,11 +19,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # One torch thread per process: the suite runs several model servers at once on a small machine.
+# The `ci` hypothesis profile (tests/conftest.py) makes property tests derandomized: the same examples every run.
 test: install lint
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci
 
 test-fast: install
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci -m "not slow"
 
 # The four services as background processes on loopback (logs and PIDs under run/).
 up: install

@@ -3,6 +3,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# `make test` (and so CI) runs with --hypothesis-profile=ci: the same examples on every run, so a random seed never
+# decides whether a change lands; no example database and no per-example deadline on a shared, loaded machine.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 
 
 def _cuda_available() -> bool:

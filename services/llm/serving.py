@@ -6,7 +6,7 @@ outputs back on an `asyncio.Queue` fed with `loop.call_soon_threadsafe`. The eng
 condition while there is nothing to do.
 
 Text is produced per answer (choice) by an `IncrementalDetokenizer` (never emits half of a multi-byte
-character) followed by a `StopStringMatcher` (holds back text that may be the start of a stop string).
+character) followed by a `StopStringMatcher` (stop_strings.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.errors import APIError
 from common.health import Readiness
+from services.llm.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,45 +69,6 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return full_text[len(prefix_text):]
-
-
-class StopStringMatcher:
-    """Finds stop strings in streamed text, even when they span token boundaries.
-
-    `push` returns the text that is safe to emit: everything before a stop string, minus any suffix that
-    could still grow into one. After a match, `stopped` is true and later text is ignored.
-    """
-
-    def __init__(self, stop_strings: Sequence[str]) -> None:
-        self.stop_strings = [s for s in stop_strings if s]
-        self.longest = max((len(s) for s in self.stop_strings), default=0)
-        self.held = ""
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stop_strings:
-            return text
-        buffer = self.held + text
-        matches = [i for i in (buffer.find(s) for s in self.stop_strings) if i >= 0]
-        if matches:
-            self.stopped, self.held = True, ""
-            return buffer[:min(matches)]
-        keep = self._partial_match_length(buffer)
-        self.held = buffer[len(buffer) - keep:] if keep else ""
-        return buffer[:len(buffer) - keep]
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return "" if self.stopped else held
-
-    def _partial_match_length(self, buffer: str) -> int:
-        for length in range(min(len(buffer), self.longest - 1), 0, -1):
-            tail = buffer[-length:]
-            if any(s.startswith(tail) for s in self.stop_strings):
-                return length
-        return 0
 
 
 @dataclass(slots=True)
