@@ -1,19 +1,24 @@
 """The KV cache's block pool: per-sequence block tables, reference counts and automatic prefix caching.
 
-A full block is identified by a hash chained over every token up to its end, so equal prefixes map to
-equal blocks. Freed blocks keep their contents and hash in the free queue; they are reused by a matching
-prefix for free, and evicted oldest-first only when a fresh block is needed.
+A full block is identified by a SHA-256 hash chained over every token up to its end, so equal prefixes map
+to equal blocks and different ones never meet (a collision would serve one request another prompt's KV).
+Freed blocks keep their contents and hash in the free queue; they are reused by a matching prefix for free,
+and evicted oldest-first only when a fresh block is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from services.llm.engine.sequence import Sequence
 
 
-def chain_hash(previous: int | None, tokens: list[int]) -> int:
-    return hash((previous, tuple(tokens)))
+def chain_hash(previous: bytes | None, tokens: list[int]) -> bytes:
+    """The block's key: SHA-256 over its parent's key and its token ids (int64), not Python's `hash()`, whose
+    collisions can be crafted (vLLM's CVE-2025-25183)."""
+    return hashlib.sha256((previous or b"") + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -22,8 +27,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # chain hash -> block holding that prefix
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # chain hash -> block holding that prefix
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
 
     @property

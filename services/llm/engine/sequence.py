@@ -28,7 +28,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full blocks, as far as computed
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks, as far as computed
     num_cached_blocks: int = 0  # leading blocks of block_table already published to the prefix cache
     num_returned_tokens: int = 0  # generated tokens already handed out in a RequestOutput
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.llm.engine.block_manager import BlockManager
+from services.llm.engine.block_manager import BlockManager, chain_hash
 from services.llm.engine.outputs import RequestTimings
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.sequence import Request, Sequence
@@ -78,3 +78,45 @@ def test_usage_counts_only_held_blocks() -> None:
     assert manager.usage == torch.tensor(0.5).item()
     manager.free(seq)
     assert manager.usage == 0.0
+
+
+# CPython's tuple hash (xxHash-style lanes, Objects/tupleobject.c) is invertible in its last item, so a block that
+# collides with any given one under `hash()` can be built on purpose.
+_MASK, _P1, _P2, _P5 = 2**64 - 1, 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+
+def _tuple_hash_state(items: list[int]) -> int:
+    acc = _P5
+    for item in items:
+        acc = (acc + (hash(item) & _MASK) * _P2) & _MASK
+        acc = (((acc << 31) | (acc >> 33)) & _MASK) * _P1 & _MASK
+    return acc
+
+
+def python_hash_collision(tokens: list[int]) -> list[int]:
+    """Different tokens whose tuple has the same Python `hash()` as `tokens`' (the last two ids change)."""
+    target = _tuple_hash_state(tokens) * pow(_P1, -1, 2**64) & _MASK
+    target = ((target >> 31) | (target << 33)) & _MASK  # undo the last lane's rotation
+    for second_last in range(10**6, 10**6 + 1000):
+        lane = (target - _tuple_hash_state([*tokens[:-2], second_last])) * pow(_P2, -1, 2**64) & _MASK
+        if lane < 2**61 - 1:  # an int below the hash modulus hashes to itself
+            return [*tokens[:-2], second_last, lane]
+    raise AssertionError("no collision found")
+
+
+def test_a_crafted_python_hash_collision_does_not_share_kv() -> None:
+    victim = [11, 12, 13, 14]
+    forged = python_hash_collision(victim)
+    assert forged != victim and hash(tuple(forged)) == hash(tuple(victim))
+    manager = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    run_prefill(manager, sequence([*victim, 15], 0))
+    assert manager.prefix_match(sequence([*forged, 15], 1)) == []
+    assert len(manager.prefix_match(sequence([*victim, 99], 2))) == 1  # the real prefix still hits
+
+
+def test_block_keys_chain_over_the_whole_prefix() -> None:
+    first, second = chain_hash(None, [1, 2, 3, 4]), chain_hash(None, [1, 2, 3, 5])
+    assert first != second and len(first) == 32
+    # The same block after different prefixes is a different key.
+    assert chain_hash(first, [7, 8, 9, 10]) != chain_hash(second, [7, 8, 9, 10])
+    assert chain_hash(first, [7, 8, 9, 10]) == chain_hash(chain_hash(None, [1, 2, 3, 4]), [7, 8, 9, 10])
