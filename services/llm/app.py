@@ -71,6 +71,7 @@ def load_engine(settings: LLMSettings, model: str) -> Any:
     config = EngineConfig(model=model, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                          long_prefill_token_threshold=settings.long_prefill_token_threshold,
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager)
     return LLMEngine(config)

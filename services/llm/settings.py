@@ -20,6 +20,8 @@ class LLMSettings(ServiceSettings):
     gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory the engine may use")
     max_num_seqs: int = Field(256, description="most sequences running in one engine step")
     max_num_batched_tokens: int = Field(2048, description="most tokens in one engine step")
+    long_prefill_token_threshold: int = Field(512, ge=0, description="most tokens of one prompt per engine step "
+                                              "while other requests run, so their decodes keep flowing (0: no cap)")
     max_model_len: int | None = Field(None, description="context length (empty: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
     max_waiting: int = Field(1024, description="requests allowed to wait beyond max_num_seqs; more get 429")

@@ -42,6 +42,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85  # GPU: share of device memory for weights, activations and KV pool
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 512  # most tokens of one prefill per step while others run; 0: no cap
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -56,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
 
 
 class LLMEngine:
@@ -77,7 +80,8 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(loaded)
         num_blocks = self._num_kv_blocks(loaded)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.long_prefill_token_threshold)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks, self.eos_token_ids, config.seed)
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs:

@@ -4,6 +4,10 @@ Each step first continues the running sequences (a decode token, or the next pre
 waiting ones first-come-first-served while the token budget, `max_num_seqs` and free KV blocks allow.
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it is recomputed
 later (its finished blocks usually survive in the prefix cache).
+
+While other sequences share the engine, one prefill chunk takes at most `long_prefill_token_threshold` tokens
+of a step (vLLM's knob of that name): a long prompt then advances a slice per step while decodes keep their
+steps short and waiting requests get admitted, instead of every step being that prompt's.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0) -> None:
+        assert long_prefill_token_threshold >= 0
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no cap
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -66,7 +73,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             # A prefill chunk shrinks to the free blocks before anyone is preempted for it.
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, max(manager.room_for(seq), 1))
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(),
+                          max(manager.room_for(seq), 1))
             while not manager.can_grow(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -85,7 +93,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = manager.prefix_match(seq)
-            num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget,
+            num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget, self._chunk_cap(),
                           manager.room_after(cached))
             if num_new <= 0 or not manager.can_admit(cached, num_new):
                 break
@@ -97,6 +105,12 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+
+    def _chunk_cap(self) -> int:
+        """Most tokens one sequence may take this step: a sequence alone in the engine may take the whole budget."""
+        if self.long_prefill_token_threshold and len(self.running) + len(self.waiting) > 1:
+            return self.long_prefill_token_threshold
+        return self.max_num_batched_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
