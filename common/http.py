@@ -20,10 +20,11 @@ _RETRYABLE_STATUS = {429, 502, 503, 504}
 class DependencyError(APIError):
     """A dependency (embed, rerank, llm...) is down, slow, or answered with an error; 503 by default."""
 
-    def __init__(self, dependency: str, reason: str, status: int = 503) -> None:
+    def __init__(self, dependency: str, reason: str, status: int = 503, upstream_status: int | None = None) -> None:
         super().__init__(status, f"{dependency} unavailable: {reason}", code="dependency_unavailable"
                          if status == 503 else status)
         self.dependency = dependency
+        self.upstream_status = upstream_status  # the HTTP status the dependency answered with, if it answered
 
 
 class ServiceClient:
@@ -103,7 +104,8 @@ class ServiceClient:
         if response.status_code in (400, 404, 413):
             # The caller's input was refused downstream: pass the 4xx through, naming who refused it.
             return APIError(response.status_code, f"{self.name}: {message}")
-        return DependencyError(self.name, f"HTTP {response.status_code}: {message}")
+        return DependencyError(self.name, f"HTTP {response.status_code}: {message}",
+                               upstream_status=response.status_code)
 
 
 def _describe(exc: httpx.TransportError) -> str:

@@ -2,9 +2,10 @@
 
     python scripts/ingest.py PATH... --collection NAME [--url URL] [--dry-run]
 
-Files are read locally first to learn their document ids (the content hash the server uses too), so files
-whose content is already in the collection are skipped without uploading. The rest go up in batches, a few
-at a time, with progress bars over files and chunks. Exits non-zero if any file failed.
+Files are read locally first to learn their document ids and fingerprints (computed as the server computes
+them), so files already in the collection as they are now are skipped without uploading. The rest go up in
+batches, a few at a time, with progress bars over files and chunks; each file is sent under its absolute path,
+so an edited file replaces its older version on the server (README, "Updates"). Exits non-zero if any file failed.
 """
 
 from __future__ import annotations
@@ -31,40 +32,46 @@ from services.retriever.loaders import (
 
 @dataclass(slots=True)
 class FilePlan:
-    path: Path
-    document_ids: list[str] = field(default_factory=list)
+    path: Path  # absolute: the server keys a file's documents by it
+    documents: dict[str, str] = field(default_factory=dict)  # document id -> fingerprint
     error: str | None = None
+
+    @property
+    def document_ids(self) -> list[str]:
+        return list(self.documents)
 
 
 @dataclass(slots=True)
 class Summary:
     ingested: list[Path] = field(default_factory=list)
+    updated: list[Path] = field(default_factory=list)
     unchanged: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     chunks: int = 0
+    replaced: int = 0
 
 
 def plan_files(paths: list[Path], extensions: set[str]) -> list[FilePlan]:
     plans = []
-    for path in iter_supported_files(paths):
+    for path in iter_supported_files([p.resolve() for p in paths]):
         if path.suffix.lower() not in extensions:
             continue
         try:
-            plans.append(FilePlan(path, [d.id for d in load_file(path) if d.text]))
+            plans.append(FilePlan(path, {d.id: d.fingerprint for d in load_file(path) if d.text}))
         except (UnsupportedDocument, OSError) as exc:
             plans.append(FilePlan(path, error=str(exc)))
     return plans
 
 
-async def existing_ids(http: httpx.AsyncClient, collection: str) -> set[str]:
-    found: set[str] = set()
+async def stored_fingerprints(http: httpx.AsyncClient, collection: str) -> dict[str, str]:
+    found: dict[str, str] = {}
     offset, page = 0, 10_000
     while True:
         reply = await http.get("/v1/documents", params={"collection_name": collection, "limit": page,
                                                         "offset": offset})
         reply.raise_for_status()
         documents = reply.json()["documents"]
-        found.update(d["document_id"] for d in documents)
+        found.update((d["document_id"], d.get("fingerprint", "")) for d in documents)
         if len(documents) < page:
             return found
         offset += page
@@ -82,7 +89,7 @@ async def ensure_collection(http: httpx.AsyncClient, collection: str) -> bool:
 
 async def upload(http: httpx.AsyncClient, collection: str, batch: list[FilePlan], options: dict,
                  summary: Summary, files_bar: tqdm, chunks_bar: tqdm) -> None:
-    files = [("documents", (plan.path.name, plan.path.read_bytes())) for plan in batch]
+    files = [("documents", (str(plan.path), plan.path.read_bytes())) for plan in batch]
     try:
         reply = await http.post("/v1/documents", data={"collection_name": collection, **options}, files=files)
     except httpx.HTTPError as exc:
@@ -96,15 +103,18 @@ async def upload(http: httpx.AsyncClient, collection: str, batch: list[FilePlan]
     body = reply.json()
     status = {d["document_id"]: d for d in body["documents"]}
     refused = {f["document_name"]: f["error"] for f in body.get("failed", [])}
+    summary.replaced += len(body.get("replaced", []))
     for plan in batch:
-        if plan.path.name in refused:
-            summary.failed.append((plan.path, refused[plan.path.name]))
-        elif any(status.get(i, {}).get("status") == "ingested" for i in plan.document_ids):
+        statuses = {status.get(i, {}).get("status") for i in plan.document_ids}
+        if str(plan.path) in refused:
+            summary.failed.append((plan.path, refused[str(plan.path)]))
+        elif "updated" in statuses:
+            summary.updated.append(plan.path)
+        elif "ingested" in statuses:
             summary.ingested.append(plan.path)
         else:
             summary.unchanged.append(plan.path)
-        new_chunks = sum(status.get(i, {}).get("chunks", 0) for i in plan.document_ids
-                         if status.get(i, {}).get("status") == "ingested")
+        new_chunks = sum(status.get(i, {}).get("chunks", 0) for i in plan.document_ids)
         summary.chunks += new_chunks
         chunks_bar.update(new_chunks)
     files_bar.update(len(batch))
@@ -123,13 +133,13 @@ async def run(args: argparse.Namespace) -> Summary:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout) as http:
         try:
             created = False if args.dry_run else await ensure_collection(http, args.collection)
-            known = set() if created else await existing_ids(http, args.collection)
+            known = {} if created else await stored_fingerprints(http, args.collection)
         except httpx.HTTPStatusError as exc:
             if not (args.dry_run and exc.response.status_code == 404):
                 raise
-            known = set()
-        todo = [p for p in plans if not set(p.document_ids) <= known]
-        summary.unchanged.extend(p.path for p in plans if set(p.document_ids) <= known)
+            known = {}
+        todo = [p for p in plans if not p.documents.items() <= known.items()]
+        summary.unchanged.extend(p.path for p in plans if p.documents.items() <= known.items())
         if args.dry_run:
             for plan in todo:
                 print(f"would upload {plan.path} ({len(plan.document_ids)} documents)")
@@ -184,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot reach the retriever at {args.url}: {exc}", file=sys.stderr)
         return 2
     verb = "would ingest" if args.dry_run else "ingested"
-    print(f"{verb}: {len(summary.ingested)} files ({summary.chunks} chunks); unchanged: {len(summary.unchanged)}; "
+    print(f"{verb}: {len(summary.ingested)} files ({summary.chunks} chunks); updated: {len(summary.updated)} "
+          f"(replacing {summary.replaced} older documents); unchanged: {len(summary.unchanged)}; "
           f"failed: {len(summary.failed)}")
     for path, reason in summary.failed:
         print(f"  failed {path}: {reason}", file=sys.stderr)

@@ -38,7 +38,7 @@ class DocumentsUpload(BaseModel):
 class IngestedDocument(BaseModel):
     document_id: str
     document_name: str
-    status: Literal["ingested", "unchanged"]
+    status: Literal["ingested", "updated", "unchanged"]
     chunks: int
 
 
@@ -51,21 +51,32 @@ class DocumentsUploadResponse(BaseModel):
     collection_name: str
     documents: list[IngestedDocument]
     failed: list[FailedDocument] = Field(default_factory=list)
+    replaced: list[str] = Field(default_factory=list, description="ids of older documents that re-ingested files "
+                                                                  "no longer hold, now deleted")
+
+
+MAX_FILTER_KEYS = 32
+MAX_FILTER_VALUES = 1024
+MAX_COLLECTIONS_PER_QUERY = 64
 
 
 def _check_filter(value: dict[str, object] | None) -> dict[str, object] | None:
+    if value is not None and len(value) > MAX_FILTER_KEYS:
+        raise ValueError(f"a filter may name at most {MAX_FILTER_KEYS} keys")
     for key, condition in (value or {}).items():
         if isinstance(condition, dict):
             if set(condition) != {"$in"} or not isinstance(condition["$in"], list) or not condition["$in"]:
                 raise ValueError(f"filter on {key!r}: only a value or {{'$in': [values]}} is supported")
+            if len(condition["$in"]) > MAX_FILTER_VALUES:
+                raise ValueError(f"filter on {key!r}: '$in' takes at most {MAX_FILTER_VALUES} values")
         elif isinstance(condition, list):
             raise ValueError(f"filter on {key!r}: use {{'$in': [...]}} to match one of several values")
     return value
 
 
 class SearchRequest(BaseModel):
-    query: StrictStr = Field(min_length=1)
-    collection_names: list[StrictStr] = Field(min_length=1)
+    query: StrictStr = Field(min_length=1, description="at most RETRIEVER_MAX_QUERY_CHARS characters (413 above)")
+    collection_names: list[StrictStr] = Field(min_length=1, max_length=MAX_COLLECTIONS_PER_QUERY)
     top_k: StrictInt = Field(10, ge=1, le=1000)
     search_type: SearchType = "hybrid"
     rerank: StrictBool = False
@@ -87,6 +98,7 @@ class SearchChunk(BaseModel):
 
 class SearchResponse(BaseModel):
     chunks: list[SearchChunk]
+    warnings: list[str] = Field(default_factory=list, description="what a degraded answer left out, and why")
 
 
 class Citation(BaseModel):
@@ -109,7 +121,7 @@ class GenerateRequest(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    collection_names: list[StrictStr] = Field(default_factory=list)
+    collection_names: list[StrictStr] = Field(default_factory=list, max_length=MAX_COLLECTIONS_PER_QUERY)
     collection_name: StrictStr | None = Field(None, description="one collection (alias of collection_names)")
     use_knowledge_base: StrictBool = True
     vdb_top_k: StrictInt | None = Field(None, ge=1, le=1000)

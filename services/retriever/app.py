@@ -34,12 +34,13 @@ from common.service import ModelCard, create_app
 from services.retriever.chunking import Chunker
 from services.retriever.dependencies import EmbeddingClient, LLMClient, RerankClient
 from services.retriever.knowledge_base import KnowledgeBase
-from services.retriever.loaders import SourceDocument, UnsupportedDocument, load_bytes, make_document
+from services.retriever.loaders import LoadLimits, SourceDocument, UnsupportedDocument, load_bytes, make_document
 from services.retriever.rag import PreparedAnswer, RagPipeline, sse
 from services.retriever.settings import RetrieverSettings
 
 log = logging.getLogger(__name__)
 _HEALTH_POLL_S = 5.0
+_SAVE_RETRY_MAX_S = 60.0
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
@@ -56,8 +57,8 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
     }
     embedder = EmbeddingClient(clients["embed"], settings.embed_model, settings.embed_batch_size)
     reranker = RerankClient(clients["rerank"], settings.rerank_model)
-    llm = LLMClient(clients["llm"], settings.llm_model)
     tokenizer_dir = Path(settings.tokenizer) if settings.tokenizer else bundled_embedding_model()
+    load_limits = LoadLimits(max_pdf_pages=settings.max_pdf_pages, pdf_parse_seconds=settings.pdf_parse_seconds)
     state: dict[str, object] = {}
 
     def kb() -> KnowledgeBase:
@@ -72,21 +73,41 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         while True:
             for name, client in clients.items():
                 readiness.details[name] = {"url": client.base_url, "ready": await client.is_ready()}
-            await asyncio.to_thread(kb().save_indexes)
             await asyncio.sleep(_HEALTH_POLL_S)
+
+    async def save_indexes(knowledge_base: KnowledgeBase) -> None:
+        """Rewrite index files that fell behind; while that fails (disk full...), log, say not ready, retry."""
+        delay, failing = settings.index_save_interval, False
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.to_thread(knowledge_base.save_indexes)
+            except Exception as exc:
+                log.exception("saving vector indexes failed; retrying in %.0fs", delay)
+                readiness.set_not_ready(f"saving vector indexes failed: {type(exc).__name__}: {exc}")
+                failing, delay = True, min(max(2 * delay, 1.0), _SAVE_RETRY_MAX_S)
+                continue
+            if failing:
+                log.info("saving vector indexes works again")
+                readiness.set_ready()
+            failing, delay = False, settings.index_save_interval
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         chunker = await asyncio.to_thread(Chunker.from_model_dir, tokenizer_dir, settings.embed_max_tokens)
         knowledge_base = await asyncio.to_thread(KnowledgeBase, settings.data_dir, chunker, embedder,
-                                                 ann_threshold=settings.ann_threshold, reranker=reranker)
-        state["kb"] = knowledge_base
+                                                 ann_threshold=settings.ann_threshold, reranker=reranker,
+                                                 max_query_chars=settings.max_query_chars,
+                                                 snapshot_changes=settings.index_snapshot_changes)
+        state["kb"] = app.state.knowledge_base = knowledge_base
+        llm = LLMClient(clients["llm"], settings.llm_model, fallback_counter=chunker.count,
+                        fallback_context=settings.llm_context_length)
         state["rag"] = RagPipeline(knowledge_base, llm, reranker, system_prompt=settings.system_prompt,
                                    vdb_top_k=settings.vdb_top_k, reranker_top_k=settings.reranker_top_k,
-                                   default_max_tokens=settings.default_max_tokens)
+                                   default_max_tokens=settings.default_max_tokens, deadline=settings.rag_timeout)
         readiness.details.update({"index_backend": knowledge_base.index_backend,
                                   "chunk_limit_tokens": chunker.max_tokens})
-        watcher = asyncio.create_task(watch_dependencies())
+        tasks = [asyncio.create_task(watch_dependencies()), asyncio.create_task(save_indexes(knowledge_base))]
         readiness.set_ready()
         log.info("retriever ready: data in %s, %d collections", settings.data_dir,
                  len(knowledge_base.store.collections()))
@@ -94,28 +115,35 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
             yield
         finally:
             readiness.set_not_ready("shutting down")
-            watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await watcher
-            await asyncio.to_thread(knowledge_base.close)
+            for task in tasks:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            try:
+                await asyncio.to_thread(knowledge_base.close)
+            except Exception:
+                log.exception("saving vector indexes at shutdown failed; start-up will catch them up from SQLite")
             for client in clients.values():
                 await client.aclose()
 
     app = create_app(title="RAG retriever", service="retriever", settings=settings, readiness=readiness,
                      registry=registry, models=lambda: [ModelCard("rag-retriever")], lifespan=lifespan)
 
+    # Every call into the knowledge base that touches SQLite or an index runs in a thread: a long write holds
+    # the store lock, and the event loop (health included) must keep answering meanwhile.
+
     @app.post("/v1/collections")
     async def create_collection(body: CollectionCreate) -> dict:
         collection = await asyncio.to_thread(kb().create_collection, body.name, body.description, body.metadata)
-        return kb().describe(collection)
+        return await asyncio.to_thread(kb().describe, collection)
 
     @app.get("/v1/collections")
     async def list_collections() -> dict:
-        return {"collections": [kb().describe(c) for c in kb().store.collections()]}
+        return {"collections": await asyncio.to_thread(kb().describe_all)}
 
     @app.get("/v1/collections/{name}")
     async def get_collection(name: str) -> dict:
-        return kb().describe(kb().collection(name))
+        return await asyncio.to_thread(lambda: kb().describe(kb().collection(name)))
 
     @app.delete("/v1/collections/{name}")
     async def delete_collection(name: str) -> dict:
@@ -125,7 +153,7 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
     @app.post("/v1/documents")
     async def upload_documents(request: Request) -> DocumentsUploadResponse:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            collection_name, documents, failed, size, overlap = await _read_multipart(request)
+            collection_name, documents, failed, size, overlap = await _read_multipart(request, load_limits)
         else:
             upload = _parse(DocumentsUpload, await _json_body(request))
             collection_name, size, overlap = upload.collection_name, upload.chunk_size, upload.chunk_overlap
@@ -135,12 +163,14 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         if not documents:
             reasons = "; ".join(f.error for f in failed) or "no documents given"
             raise bad_request(f"nothing to ingest: {reasons}", param="documents")
-        outcomes = await kb().ingest(collection_name, documents, chunk_size=size or settings.chunk_size,
-                                     chunk_overlap=settings.chunk_overlap if overlap is None else overlap)
-        ingested.inc(sum(o.status == "ingested" for o in outcomes))
-        return DocumentsUploadResponse(collection_name=collection_name, failed=failed, documents=[
-            IngestedDocument(document_id=o.document_id, document_name=o.document_name, status=o.status,  # type: ignore[arg-type]
-                             chunks=o.chunks) for o in outcomes])
+        result = await kb().ingest(collection_name, documents, chunk_size=size or settings.chunk_size,
+                                   chunk_overlap=settings.chunk_overlap if overlap is None else overlap)
+        ingested.inc(sum(o.status != "unchanged" for o in result.documents))
+        return DocumentsUploadResponse(collection_name=collection_name, failed=failed, replaced=result.replaced,
+                                       documents=[IngestedDocument(document_id=o.document_id,
+                                                                   document_name=o.document_name,
+                                                                   status=o.status,  # type: ignore[arg-type]
+                                                                   chunks=o.chunks) for o in result.documents])
 
     @app.get("/v1/documents")
     async def list_documents(collection_name: str, limit: int = 1000, offset: int = 0) -> dict:
@@ -149,35 +179,39 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         documents = await asyncio.to_thread(kb().documents, collection_name, limit, offset)
         return {"collection_name": collection_name, "documents": documents}
 
-    @app.delete("/v1/documents/{document_id}")
+    @app.delete("/v1/documents/{document_id:path}")  # :path, so an id with '/' can be deleted
     async def delete_document(document_id: str, collection_name: str) -> dict:
         await asyncio.to_thread(kb().delete_document, collection_name, document_id)
         return {"deleted": document_id, "collection_name": collection_name}
 
     @app.post("/v1/search")
     async def search(body: SearchRequest) -> SearchResponse:
-        hits = await kb().search(body.query, body.collection_names, top_k=body.top_k, search_type=body.search_type,
-                                 metadata_filter=body.filter, rerank=body.rerank, reranker_top_k=body.reranker_top_k)
-        return SearchResponse(chunks=[SearchChunk(document_id=h.chunk.document_id, document_name=h.chunk.document_name,
-                                                  chunk_id=h.chunk.chunk_id, collection_name=h.chunk.collection,
-                                                  content=h.chunk.content, score=h.score, metadata=h.chunk.metadata)
-                                      for h in hits])
+        found = await kb().search(body.query, body.collection_names, top_k=body.top_k, search_type=body.search_type,
+                                  metadata_filter=body.filter, rerank=body.rerank,
+                                  reranker_top_k=body.reranker_top_k)
+        return SearchResponse(warnings=found.warnings, chunks=[
+            SearchChunk(document_id=h.chunk.document_id, document_name=h.chunk.document_name,
+                        chunk_id=h.chunk.chunk_id, collection_name=h.chunk.collection, content=h.chunk.content,
+                        score=h.score, metadata=h.chunk.metadata) for h in found.hits])
 
     async def generate(request: Request) -> object:
         body = _parse(GenerateRequest, await _json_body(request))
-        prepared = await pipeline().prepare(body)
+        rag = pipeline()
+        deadline = rag.start_deadline()
+        prepared = await rag.within(deadline, rag.prepare(body))
         if not body.stream:
-            return await pipeline().answer(prepared)
+            return await rag.within(deadline, rag.answer(prepared))
         options = (body.model_extra or {}).get("stream_options") or {}
-        return await _stream_response(pipeline(), prepared, bool(options.get("include_usage")))
+        return await _stream_response(rag, prepared, bool(options.get("include_usage")), deadline)
 
     app.add_api_route("/v1/generate", generate, methods=["POST"])
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
     return app
 
 
-async def _stream_response(rag: RagPipeline, prepared: PreparedAnswer, include_usage: bool) -> StreamingResponse:
-    chunks = await rag.stream(prepared, include_usage)
+async def _stream_response(rag: RagPipeline, prepared: PreparedAnswer, include_usage: bool,
+                           deadline: float) -> StreamingResponse:
+    chunks = rag.bounded(await rag.within(deadline, rag.stream(prepared, include_usage)), deadline)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -208,8 +242,8 @@ def _parse(model: type[_Model], payload: object) -> _Model:
         raise bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param) from exc
 
 
-async def _read_multipart(request: Request) -> tuple[str, list[SourceDocument], list[FailedDocument],
-                                                     int | None, int | None]:
+async def _read_multipart(request: Request, limits: LoadLimits) -> tuple[str, list[SourceDocument],
+                                                                         list[FailedDocument], int | None, int | None]:
     form = await request.form()
     collection_name = form.get("collection_name")
     if not isinstance(collection_name, str) or not collection_name:
@@ -231,9 +265,13 @@ async def _read_multipart(request: Request) -> tuple[str, list[SourceDocument], 
             raise bad_request("documents must be files", param="documents")
         name = upload.filename or "upload"
         try:
-            loaded = await asyncio.to_thread(load_bytes, name, await upload.read())
+            loaded = await asyncio.to_thread(load_bytes, name, await upload.read(), limits=limits)
         except UnsupportedDocument as exc:
             failed.append(FailedDocument(document_name=name, error=str(exc)))
+            continue
+        except Exception as exc:  # a loader bug on one file must not fail the others
+            log.exception("reading %s failed", name)
+            failed.append(FailedDocument(document_name=name, error=f"{name}: unreadable ({type(exc).__name__})"))
             continue
         for document in loaded:
             document.metadata.update(extra)

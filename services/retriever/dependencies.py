@@ -6,12 +6,19 @@ Model ids come from settings or, when empty, from each service's `/v1/models` (a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
 from common.errors import APIError
 from common.http import DependencyError, ServiceClient
+
+log = logging.getLogger(__name__)
+_NO_ROUTE = {404, 405, 501}  # what a server without /tokenize answers
+_DEFAULT_CONTEXT = 4096
+_FOREIGN_TOKENIZER_MARGIN = 1.25  # another tokenizer's count, inflated: an estimate must not overflow the context
 
 
 class _ModelDiscovery:
@@ -80,33 +87,46 @@ class RerankClient:
 
 
 class LLMClient:
+    """The LLM seen by the RAG pipeline: chat, and token counts to fit sources into its context.
+
+    Counts come from the LLM's own `/tokenize` when it has one. A plain OpenAI-compatible endpoint (a NIM, TGI,
+    a hosted API) has none: then `fallback_counter` (the embedding tokenizer) counts, with a safety margin,
+    and the context is the model card's `max_model_len` or `fallback_context`.
+    """
+
     _PER_MESSAGE_OVERHEAD = 8  # role markers and separators of a chat template, when /tokenize cannot apply it
 
-    def __init__(self, client: ServiceClient, model: str = "") -> None:
+    def __init__(self, client: ServiceClient, model: str = "", *,
+                 fallback_counter: Callable[[str], int] | None = None, fallback_context: int = 0) -> None:
         self.client = client
         self.models = _ModelDiscovery(client, model)
+        self.fallback_counter, self.fallback_context = fallback_counter, fallback_context
         self._max_model_len: int | None = None
         self._chat_tokenize = True
+        self._has_tokenize: bool | None = None
 
     async def context_length(self) -> int:
         if self._max_model_len is None:
             length = (await self.models.card()).get("max_model_len")
+            if not length and await self._tokenize_available():
+                length = (await self._tokenize({"prompt": "x"})).get("max_model_len")
             if not length:
-                reply = await self._tokenize({"prompt": "x"})
-                length = reply.get("max_model_len")
-            if not length:
-                raise DependencyError(self.client.name, "reports no max_model_len (in /v1/models or /tokenize)")
+                length = self.fallback_context or _DEFAULT_CONTEXT
+                log.warning("the LLM reports no context length; assuming %d tokens (RETRIEVER_LLM_CONTEXT_LENGTH)",
+                            length)
             self._max_model_len = int(length)
         return self._max_model_len
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text (no special tokens), asked concurrently."""
+        if not await self._tokenize_available():
+            return await asyncio.to_thread(lambda: [self._estimate(t) for t in texts])
         replies = await asyncio.gather(*(self._tokenize({"prompt": t, "add_special_tokens": False}) for t in texts))
         return [_count(reply) for reply in replies]
 
     async def count_messages(self, messages: list[dict]) -> int:
         """Tokens of a conversation after the chat template; estimated per message if /tokenize takes no messages."""
-        if self._chat_tokenize:
+        if self._chat_tokenize and await self._tokenize_available():
             try:
                 return _count(await self._tokenize({"messages": messages}))
             except APIError as exc:
@@ -115,6 +135,26 @@ class LLMClient:
                 self._chat_tokenize = False
         counts = await self.count_tokens([str(m.get("content") or "") for m in messages])
         return sum(counts) + self._PER_MESSAGE_OVERHEAD * (len(messages) + 1)
+
+    async def _tokenize_available(self) -> bool:
+        """Whether the LLM has /tokenize; asked once (a dead LLM raises, so the next call asks again)."""
+        if self._has_tokenize is None:
+            try:
+                await self._tokenize({"prompt": "x"})
+                self._has_tokenize = True
+            except APIError as exc:
+                if _status_of(exc) not in _NO_ROUTE:
+                    raise
+                if self.fallback_counter is None:
+                    raise DependencyError(self.client.name, "has no /tokenize and no local tokenizer is set") from exc
+                log.warning("the LLM has no /tokenize (HTTP %s); counting tokens with the embedding tokenizer, "
+                            "%.2fx", _status_of(exc), _FOREIGN_TOKENIZER_MARGIN)
+                self._has_tokenize = False
+        return self._has_tokenize
+
+    def _estimate(self, text: str) -> int:
+        assert self.fallback_counter is not None
+        return math.ceil(self.fallback_counter(text) * _FOREIGN_TOKENIZER_MARGIN)
 
     async def _tokenize(self, body: dict) -> dict:
         return await self.client.post_json("/tokenize", {"model": await self.models.model(), **body},
@@ -128,6 +168,13 @@ class LLMClient:
                 "stream_options": {"include_usage": True}}
         async for event in self.client.stream_sse("/v1/chat/completions", body):
             yield event
+
+
+def _status_of(exc: APIError) -> int | None:
+    """The HTTP status the dependency answered with (a passed-through 4xx keeps its own)."""
+    if isinstance(exc, DependencyError):
+        return exc.upstream_status
+    return exc.status
 
 
 def _count(reply: dict) -> int:

@@ -1,7 +1,8 @@
 """Turn files into documents: .txt .md .html .pdf .json .jsonl.
 
 A document is one or more sections (a PDF page is a section) plus metadata; its id is the sha256 of its
-normalised text unless the source names one, so the same content always gets the same id.
+normalised text unless the source names one, so the same content always gets the same id. A document read
+from a file remembers the file's path (`source`): re-ingesting that path replaces what it held before.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -20,7 +22,15 @@ SUPPORTED_EXTENSIONS = (".txt", ".md", ".html", ".htm", ".pdf", ".json", ".jsonl
 
 
 class UnsupportedDocument(ValueError):
-    """A file the loaders cannot read: unknown extension or malformed content."""
+    """A file the loaders cannot read: unknown extension, malformed content, or over a limit."""
+
+
+@dataclass(slots=True, frozen=True)
+class LoadLimits:
+    """Bounds on the work one file may cost; a file over them is refused (reported per file)."""
+
+    max_pdf_pages: int = 2000
+    pdf_parse_seconds: float = 120.0
 
 
 @dataclass(slots=True)
@@ -37,6 +47,7 @@ class SourceDocument:
     sections: list[Section]
     metadata: dict[str, object] = field(default_factory=dict)
     explicit_id: str | None = None
+    source: str = ""  # the path of the file it came from; '' for documents sent as JSON
 
     @property
     def text(self) -> str:
@@ -45,6 +56,14 @@ class SourceDocument:
     @property
     def id(self) -> str:
         return self.explicit_id or content_id(self.text)
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides "unchanged": the text for content-addressed ids; text and metadata for your own ids."""
+        if self.explicit_id is None:
+            return self.id
+        payload = self.text + "\x00" + json.dumps(self.metadata, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def normalise_text(text: str) -> str:
@@ -60,9 +79,9 @@ def content_id(text: str) -> str:
 
 
 def make_document(name: str, text: str, metadata: dict[str, object] | None = None,
-                  explicit_id: str | None = None) -> SourceDocument:
+                  explicit_id: str | None = None, source: str = "") -> SourceDocument:
     return SourceDocument(name=name, sections=[Section(normalise_text(text))], metadata=dict(metadata or {}),
-                          explicit_id=explicit_id)
+                          explicit_id=explicit_id, source=source)
 
 
 class _VisibleText(HTMLParser):
@@ -112,6 +131,11 @@ def html_to_text(html: str) -> tuple[str, str]:
     return title, normalise_text("".join(parser.parts))
 
 
+def file_name(name: str) -> str:
+    """The last part of an uploaded file's name, whichever separator the client used ('../a/b.txt' -> 'b.txt')."""
+    return Path(name.replace("\\", "/")).name or "upload"
+
+
 def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8-sig")
@@ -119,7 +143,8 @@ def _decode(data: bytes, name: str) -> str:
         return data.decode("latin-1")
 
 
-def _records_to_documents(records: list[object], name: str, base: dict[str, object]) -> list[SourceDocument]:
+def _records_to_documents(records: list[object], name: str, base: dict[str, object],
+                          source: str) -> list[SourceDocument]:
     documents = []
     for position, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -130,21 +155,25 @@ def _records_to_documents(records: list[object], name: str, base: dict[str, obje
         explicit_id = record.get("id")
         documents.append(make_document(str(metadata.get("name", name)), record["text"],
                                        {**base, "item": position, **metadata},
-                                       str(explicit_id) if explicit_id is not None else None))
+                                       str(explicit_id) if explicit_id is not None else None, source))
     return documents
 
 
-def load_bytes(name: str, data: bytes, source: str | None = None) -> list[SourceDocument]:
+def load_bytes(name: str, data: bytes, source: str | None = None,
+               limits: LoadLimits = LoadLimits()) -> list[SourceDocument]:
     """Documents in one file's content; `name` decides the format by its extension."""
     suffix = Path(name).suffix.lower()
-    base: dict[str, object] = {"source": Path(name).name, "path": source or name}
+    path, name = source or name, file_name(name)
+    base: dict[str, object] = {"source": name, "path": path}
     if suffix in (".txt", ".md"):
-        return [make_document(Path(name).name, _decode(data, name), base)]
+        return [make_document(name, _decode(data, name), base, source=path)]
     if suffix in (".html", ".htm"):
         title, text = html_to_text(_decode(data, name))
-        return [make_document(Path(name).name, text, {**base, "title": title} if title else base)]
+        return [make_document(name, text, {**base, "title": title} if title else base, source=path)]
     if suffix == ".pdf":
-        return [_load_pdf(name, data, base)]
+        document = _load_pdf(name, data, base, limits)
+        document.source = path
+        return [document]
     if suffix == ".jsonl":
         records = []
         for number, line in enumerate(_decode(data, name).splitlines(), start=1):
@@ -153,32 +182,53 @@ def load_bytes(name: str, data: bytes, source: str | None = None) -> list[Source
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise UnsupportedDocument(f"{name}: line {number} is not JSON ({exc.msg})") from exc
-        return _records_to_documents(records, Path(name).name, base)
+        return _records_to_documents(records, name, base, path)
     if suffix == ".json":
         try:
             payload = json.loads(_decode(data, name))
         except json.JSONDecodeError as exc:
             raise UnsupportedDocument(f"{name}: not JSON ({exc.msg})") from exc
-        return _records_to_documents(payload if isinstance(payload, list) else [payload], Path(name).name, base)
+        return _records_to_documents(payload if isinstance(payload, list) else [payload], name, base,
+                                     path)
     raise UnsupportedDocument(f"{name}: unsupported file type {suffix or '(none)'}; "
                               f"supported: {' '.join(SUPPORTED_EXTENSIONS)}")
 
 
-def _load_pdf(name: str, data: bytes, base: dict[str, object]) -> SourceDocument:
+def _load_pdf(name: str, data: bytes, base: dict[str, object], limits: LoadLimits) -> SourceDocument:
+    """Text per page. Encrypted files, decompression bombs, too many pages or too long a parse are refused;
+    the time bound is checked between pages."""
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError
 
+    started = time.monotonic()
     try:
         reader = PdfReader(io.BytesIO(data))
-        pages = [normalise_text(page.extract_text() or "") for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError) as exc:
-        raise UnsupportedDocument(f"{name}: unreadable PDF ({exc})") from exc
+        count = len(reader.pages)
+        if count > limits.max_pdf_pages:
+            raise UnsupportedDocument(f"{name}: {count} pages, over the limit of {limits.max_pdf_pages}")
+        pages = []
+        for page in reader.pages:
+            if time.monotonic() - started > limits.pdf_parse_seconds:
+                raise UnsupportedDocument(f"{name}: reading took longer than {limits.pdf_parse_seconds:g}s "
+                                          f"(stopped after {len(pages)} of {count} pages)")
+            contents = page.get_contents()
+            if contents is not None:
+                contents.get_data()  # extract_text hides a decompression bomb as an empty page: surface it
+            pages.append(normalise_text(page.extract_text() or ""))
+        title = (reader.metadata or {}).get("/Title") if reader.metadata else None
+    except UnsupportedDocument:
+        raise
+    except (FileNotDecryptedError, DependencyError) as exc:
+        raise UnsupportedDocument(f"{name}: encrypted PDF, not supported ({exc})") from exc
+    except LimitReachedError as exc:
+        raise UnsupportedDocument(f"{name}: PDF over a decompression limit ({exc})") from exc
+    except Exception as exc:  # a malformed PDF can raise almost anything from inside the parser
+        raise UnsupportedDocument(f"{name}: unreadable PDF ({type(exc).__name__}: {exc})") from exc
     sections = [Section(text, {"page": number}) for number, text in enumerate(pages, start=1) if text]
     metadata = {**base, "pages": len(pages)}
-    title = (reader.metadata or {}).get("/Title") if reader.metadata else None
     if isinstance(title, str) and title.strip():
         metadata["title"] = title.strip()
-    return SourceDocument(name=Path(name).name, sections=sections, metadata=metadata)
+    return SourceDocument(name=name, sections=sections, metadata=metadata)
 
 
 def load_file(path: Path) -> list[SourceDocument]:

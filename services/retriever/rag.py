@@ -2,16 +2,21 @@
 
 The prompt keeps what repeats across requests first and byte-identical, so the LLM's prefix cache hits:
 [system: fixed instructions] [earlier turns, oldest dropped first if needed] [user: numbered sources + question].
+
+A dependency down degrades the answer instead of failing it where it can (see KnowledgeBase.search), and the
+answer carries `warnings` saying what was left out. The whole answer runs under one deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from common.errors import APIError, bad_request
 from common.schemas.retriever import Citation, Citations, GenerateRequest
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 QUESTION_TEMPLATE = "Sources:\n{sources}\n\nQuestion: {question}"
 NO_SOURCES = "(no sources found)"
 _TEMPLATE_MARGIN = 16  # tokens for separators the per-piece counts do not see
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -30,6 +36,7 @@ class PreparedAnswer:
     messages: list[dict]
     citations: Citations | None
     body: dict
+    warnings: list[str] = field(default_factory=list)
 
 
 def source_block(number: int, hit: Hit) -> str:
@@ -40,11 +47,45 @@ def source_block(number: int, hit: Hit) -> str:
 
 class RagPipeline:
     def __init__(self, knowledge_base: KnowledgeBase, llm: LLMClient, reranker: RerankClient | None, *,
-                 system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int) -> None:
+                 system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int,
+                 deadline: float = 600.0) -> None:
         self.kb, self.llm, self.reranker = knowledge_base, llm, reranker
         self.system_prompt = system_prompt
         self.vdb_top_k, self.reranker_top_k = vdb_top_k, reranker_top_k
         self.default_max_tokens = default_max_tokens
+        self.deadline = deadline
+
+    # the overall deadline
+
+    def start_deadline(self) -> float:
+        """The event-loop time by which this answer must be complete."""
+        return asyncio.get_running_loop().time() + self.deadline
+
+    async def within(self, deadline: float, work: Awaitable[_T]) -> _T:
+        """`work`, cancelled with a 503 if it is not done by `deadline`."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await work
+        except TimeoutError:
+            raise self._late() from None
+
+    async def bounded(self, chunks: AsyncIterator[dict], deadline: float) -> AsyncIterator[dict]:
+        """A stream that ends with a 503 error once `deadline` passes."""
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+            except TimeoutError:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                raise self._late() from None
+            if chunk is None:
+                return
+            yield chunk
+
+    def _late(self) -> APIError:
+        log.warning("RAG answer cut at its deadline of %gs", self.deadline)
+        return APIError(503, f"the answer was not complete within the deadline of {self.deadline:g}s "
+                             f"(RETRIEVER_RAG_TIMEOUT)", code="deadline_exceeded")
 
     async def rerank_by_default(self) -> bool:
         """Rerank by default only behind a cross-encoder; the bundled LLM scorer is slow and adds little."""
@@ -76,16 +117,15 @@ class RagPipeline:
             raise bad_request("collection_names is required when use_knowledge_base is true",
                               param="collection_names")
         rerank = request.enable_reranker if request.enable_reranker is not None else await self.rerank_by_default()
-        hits = await self.kb.search(question, request.collections, top_k=request.vdb_top_k or self.vdb_top_k,
-                                    search_type=request.search_type, metadata_filter=request.filter, rerank=rerank,
-                                    reranker_top_k=request.reranker_top_k or self.reranker_top_k)
-        if not rerank:
-            hits = hits[:request.reranker_top_k or self.reranker_top_k]
+        found = await self.kb.search(question, request.collections, top_k=request.vdb_top_k or self.vdb_top_k,
+                                     search_type=request.search_type, metadata_filter=request.filter, rerank=rerank,
+                                     reranker_top_k=request.reranker_top_k or self.reranker_top_k)
+        hits = found.hits if rerank else found.hits[:request.reranker_top_k or self.reranker_top_k]
         messages, used = await self._fit(question, history, hits, max_tokens)
         citations = Citations(total_results=len(used), results=[
             Citation(document_id=h.chunk.document_id, document_name=h.chunk.document_name, content=h.chunk.content,
                      score=h.score, metadata=h.chunk.metadata) for h in used]) if request.enable_citations else None
-        return PreparedAnswer(messages, citations, body)
+        return PreparedAnswer(messages, citations, body, found.warnings)
 
     async def _fit(self, question: str, history: list[dict], hits: list[Hit],
                    max_tokens: int) -> tuple[list[dict], list[Hit]]:
@@ -124,6 +164,8 @@ class RagPipeline:
         reply = await self.llm.chat({**prepared.body, "messages": prepared.messages})
         if prepared.citations is not None:
             reply["citations"] = prepared.citations.model_dump()
+        if prepared.warnings:
+            reply["warnings"] = prepared.warnings
         return reply
 
     async def stream(self, prepared: PreparedAnswer, include_usage: bool) -> AsyncIterator[dict]:
@@ -135,6 +177,8 @@ class RagPipeline:
                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         if prepared.citations is not None:
             opening["citations"] = prepared.citations.model_dump()
+        if prepared.warnings:
+            opening["warnings"] = prepared.warnings
 
         async def chunks() -> AsyncIterator[dict]:
             yield opening

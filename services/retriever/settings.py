@@ -25,7 +25,16 @@ class RetrieverSettings(ServiceSettings):
     embed_max_tokens: int = Field(0, description="embedding model input limit incl. special tokens (0: tokenizer's)")
     chunk_size: int = Field(512, description="default chunk size in embedding tokens (capped at the model limit)")
     chunk_overlap: int = Field(128, description="default overlap between neighbouring chunks, in tokens")
-    ann_threshold: int = Field(20_000, description="vectors in a collection above which an HNSW index replaces exact")
+    ann_threshold: int = Field(20_000, description="vectors in a collection above which an IVF index (nprobe measured "
+                                                   "for recall@10 >= 0.95) replaces exact search")
+    index_snapshot_changes: int = Field(1024, description="vectors added/removed before a collection's index file is "
+                                                          "rewritten (and at least a quarter of its size); start-up "
+                                                          "adds what the file lacks from SQLite")
+    index_save_interval: float = Field(5.0, description="seconds between checks for index files to rewrite")
+    max_query_chars: int = Field(8192, description="longest search query or RAG question, in characters (413 above)")
+    max_pdf_pages: int = Field(2000, description="most pages read from one PDF (more: the file is refused)")
+    pdf_parse_seconds: float = Field(120.0, description="longest time spent reading one PDF (more: the file is "
+                                                        "refused)")
     vdb_top_k: int = Field(40, description="default number of candidates retrieved before reranking")
     reranker_top_k: int = Field(8, description="default number of chunks kept after reranking")
     embed_batch_size: int = Field(64, description="texts per embeddings request during ingestion")
@@ -33,6 +42,9 @@ class RetrieverSettings(ServiceSettings):
     rerank_timeout: float = Field(60.0, description="seconds before a ranking request fails")
     llm_timeout: float = Field(300.0, description="seconds before an LLM request fails")
     default_max_tokens: int = Field(256, description="answer length when a request names none")
+    rag_timeout: float = Field(600.0, description="overall deadline of one RAG answer, retrieval and generation "
+                                                  "included, in seconds (503 past it)")
+    llm_context_length: int = Field(0, description="LLM context in tokens when the LLM reports none (0: 4096)")
     system_prompt: str = Field(
         "You are a helpful assistant. Answer the question using only the numbered sources below. "
         "Cite sources as [1], [2]. If the sources do not contain the answer, say you do not know.",

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -161,6 +162,12 @@ def test_embed_down_is_a_503_naming_it_and_recovers(client: httpx.Client, manual
         assert down.status_code == 503 and "embed" in down.json()["error"]["message"]
         sparse = client.post("/v1/search", json={**query, "search_type": "sparse"})
         assert sparse.status_code == 200 and sparse.json()["chunks"][0]["document_name"] == "router.pdf"
+        assert sparse.json()["warnings"] == []
+        hybrid = client.post("/v1/search", json={**query, "search_type": "hybrid"})  # degrades to BM25, says so
+        assert hybrid.status_code == 200, hybrid.text
+        assert hybrid.json()["chunks"][0]["document_name"] == "router.pdf"
+        (warning,) = hybrid.json()["warnings"]
+        assert "embed unavailable" in warning and "BM25" in warning
     finally:
         embed_process.start().wait_ready()  # same port: the retriever's URL stays valid
     up = client.post("/v1/search", json=query)
@@ -205,8 +212,127 @@ def test_ingest_script_uploads_skips_unchanged_and_reports_failures(retriever: S
     (folder / "broken.json").write_text("[{\"title\": \"no text\"}]")
     second = _ingest_script(str(folder), *common)
     assert second.returncode == 1
-    assert "ingested: 1 files" in second.stdout and "unchanged: 6" in second.stdout and "failed: 1" in second.stdout
+    assert "updated: 1 (replacing 1 older documents)" in second.stdout
+    assert "unchanged: 6" in second.stdout and "failed: 1" in second.stdout
     assert "broken.json" in second.stderr and "item 0" in second.stderr
+    listed = httpx.get(retriever.url + "/v1/documents", params={"collection_name": "script"}).json()["documents"]
+    assert len(listed) == 8  # the edited note replaced its older version
+    hits = httpx.post(retriever.url + "/v1/search", json={"query": "Maintenance note 0 seal", "top_k": 10,
+                                                           "collection_names": ["script"], "search_type": "sparse"})
+    texts = [c["content"] for c in hits.json()["chunks"]]
+    assert any("revised" in t for t in texts) and not any("note 0: check" in t for t in texts)
 
     down = _ingest_script(str(folder), "--collection", "script", "--url", "http://127.0.0.1:9")
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_search_with_rerank_down_answers_unreranked_and_says_so(client: httpx.Client, manuals: dict) -> None:
+    reply = client.post("/v1/search", json={"query": "reset the router", "collection_names": ["manuals"],
+                                            "search_type": "sparse", "rerank": True, "reranker_top_k": 2})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["chunks"][0]["document_name"] == "router.pdf" and len(reply.json()["chunks"]) <= 2
+    (warning,) = reply.json()["warnings"]
+    assert "rerank unavailable" in warning and "not reranked" in warning
+
+
+def test_document_ids_with_slashes_can_be_deleted(client: httpx.Client, manuals: dict) -> None:
+    for document_id in ("team/a/notes", "spaces and ?query&chars"):
+        added = client.post("/v1/documents", json={"collection_name": "manuals", "documents": [
+            {"id": document_id, "text": f"Slash test document {document_id}."}]})
+        assert added.status_code == 200 and added.json()["documents"][0]["document_id"] == document_id
+        path = "/v1/documents/" + quote(document_id, safe="/")
+        deleted = client.delete(path, params={"collection_name": "manuals"})
+        assert deleted.status_code == 200 and deleted.json()["deleted"] == document_id, deleted.text
+    encoded = client.post("/v1/documents", json={"collection_name": "manuals", "documents": [
+        {"id": "x/y", "text": "Encoded slash."}]})
+    assert encoded.status_code == 200
+    assert client.delete("/v1/documents/x%2Fy", params={"collection_name": "manuals"}).status_code == 200
+
+
+def test_an_explicit_id_with_new_text_is_updated_over_http(client: httpx.Client, manuals: dict) -> None:
+    def put(text: str) -> dict:
+        reply = client.post("/v1/documents", json={"collection_name": "manuals", "documents": [
+            {"id": "hours", "text": text, "name": "opening hours"}]})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["documents"][0]
+
+    assert put("The depot opens at 7 am.")["status"] == "ingested"
+    assert put("The depot opens at 7 am.")["status"] == "unchanged"
+    assert put("The depot opens at 6 am from May.")["status"] == "updated"
+    found = client.post("/v1/search", json={"query": "when does the depot open", "collection_names": ["manuals"],
+                                            "search_type": "sparse", "top_k": 5}).json()["chunks"]
+    assert [c["content"] for c in found if c["document_id"] == "hours"] == ["The depot opens at 6 am from May."]
+    assert client.delete("/v1/documents/hours", params={"collection_name": "manuals"}).status_code == 200
+
+
+def test_one_bad_pdf_is_reported_per_file_and_the_rest_is_ingested(client: httpx.Client, manuals: dict) -> None:
+    from tests.support.bad_pdfs import aes_encrypted_pdf, decompression_bomb_pdf
+
+    files = [("documents", ("bomb.pdf", decompression_bomb_pdf(), "application/pdf")),
+             ("documents", ("locked.pdf", aes_encrypted_pdf(), "application/pdf")),
+             ("documents", ("kettle.txt", b"The kettle switches off at 100 degrees.", "text/plain"))]
+    reply = client.post("/v1/documents", data={"collection_name": "manuals"}, files=files)
+    assert reply.status_code == 200, reply.text
+    failed = {f["document_name"]: f["error"] for f in reply.json()["failed"]}
+    assert set(failed) == {"bomb.pdf", "locked.pdf"}
+    assert "decompression" in failed["bomb.pdf"] and "encrypted" in failed["locked.pdf"]
+    assert [d["document_name"] for d in reply.json()["documents"]] == ["kettle.txt"]
+
+
+def test_a_path_like_file_name_is_only_a_label(client: httpx.Client, manuals: dict, tmp_path: Path) -> None:
+    files = [("documents", ("../../../../tmp/evil.txt", b"Path traversal attempt text.", "text/plain")),
+             ("documents", ("..\\..\\windows\\evil2.txt", b"Backslash traversal text.", "text/plain"))]
+    reply = client.post("/v1/documents", data={"collection_name": "manuals"}, files=files)
+    assert reply.status_code == 200, reply.text
+    assert [d["document_name"] for d in reply.json()["documents"]] == ["evil.txt", "evil2.txt"]
+    assert not Path("/tmp/evil.txt").exists()
+    found = client.post("/v1/search", json={"query": "traversal attempt", "collection_names": ["manuals"],
+                                            "search_type": "sparse"}).json()["chunks"][0]
+    assert found["metadata"]["source"] == "evil.txt" and found["metadata"]["path"] == "../../../../tmp/evil.txt"
+
+
+def test_a_metadata_key_with_quotes_filters_literally(client: httpx.Client, manuals: dict) -> None:
+    key = 'owner\'s "team"'
+    added = client.post("/v1/documents", json={"collection_name": "manuals", "documents": [
+        {"text": "Quoted key document about heaters.", "metadata": {key: "blue"}}]})
+    assert added.status_code == 200
+    for search_type in ("dense", "sparse", "hybrid"):
+        reply = client.post("/v1/search", json={"query": "heaters", "collection_names": ["manuals"],
+                                                "search_type": search_type, "filter": {key: "blue"}})
+        assert reply.status_code == 200, reply.text
+        assert [c["content"] for c in reply.json()["chunks"]] == ["Quoted key document about heaters."]
+
+
+@pytest.mark.parametrize("name", ["docs\n", "docs\r\n", " docs", "docs/x"])
+def test_a_collection_name_with_a_trailing_newline_is_refused(client: httpx.Client, name: str) -> None:
+    reply = client.post("/v1/collections", json={"name": name})
+    assert reply.status_code == 400 and "collection name" in reply.json()["error"]["message"]
+    assert name not in [c["name"] for c in client.get("/v1/collections").json()["collections"]]
+
+
+def test_query_and_filter_limits(client: httpx.Client, manuals: dict) -> None:
+    words = " ".join(f"w{i}" for i in range(400_000))  # ~3 MB of distinct words
+    reply = client.post("/v1/search", json={"query": words, "collection_names": ["manuals"]})
+    assert reply.status_code == 413 and "8192" in reply.json()["error"]["message"]
+    rag = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": words}],
+                                                    "collection_names": ["manuals"]})
+    assert rag.status_code == 413
+    many = client.post("/v1/search", json={"query": "x", "collection_names": ["manuals"],
+                                           "filter": {"k": {"$in": list(range(1025))}}})
+    assert many.status_code == 400 and "1024" in many.json()["error"]["message"]
+    names = client.post("/v1/search", json={"query": "x", "collection_names": [f"c{i}" for i in range(65)]})
+    assert names.status_code == 400
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(client: httpx.Client, manuals: dict) -> None:
+    big = b"x" * (16 * 1024 * 1024 + 1)
+    declared = client.post("/v1/documents", data={"collection_name": "manuals"},
+                           files=[("documents", ("big.txt", big, "text/plain"))])
+    assert declared.status_code == 413 and declared.json()["error"]["type"] == "request_too_large"
+
+    def chunked() -> Iterator[bytes]:
+        for _ in range(17):
+            yield b"y" * (1024 * 1024)
+
+    streamed = client.post("/v1/search", content=chunked(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413

@@ -7,13 +7,17 @@ import pytest
 from reportlab.pdfgen import canvas
 
 from services.retriever.loaders import (
+    LoadLimits,
     UnsupportedDocument,
     content_id,
+    file_name,
     html_to_text,
     iter_supported_files,
     load_bytes,
     load_file,
+    make_document,
 )
+from tests.support.bad_pdfs import aes_encrypted_pdf, decompression_bomb_pdf, text_pdf
 
 
 def test_text_and_markdown_keep_their_text_and_name() -> None:
@@ -89,3 +93,38 @@ def test_walk_finds_supported_files_only(tmp_path: Path) -> None:
     for name in ("a.txt", "sub/b.md", "sub/c.png", "d.HTML"):
         (tmp_path / name).write_text("x")
     assert [p.name for p in iter_supported_files([tmp_path])] == ["a.txt", "d.HTML", "b.md"]
+
+
+@pytest.mark.parametrize(("make", "reason"), [(decompression_bomb_pdf, "decompression limit"),
+                                              (aes_encrypted_pdf, "encrypted")], ids=["bomb", "aes"])
+def test_a_pdf_bomb_or_an_aes_encrypted_pdf_is_refused_as_unsupported(make: object, reason: str) -> None:
+    with pytest.raises(UnsupportedDocument) as error:
+        load_bytes("bad.pdf", make())  # type: ignore[operator]
+    assert "bad.pdf" in str(error.value) and reason in str(error.value)
+
+
+def test_pdf_pages_and_parse_time_are_bounded() -> None:
+    long = text_pdf(*(f"Page {n} of the long report." for n in range(1, 13)))
+    with pytest.raises(UnsupportedDocument, match="12 pages, over the limit of 10"):
+        load_bytes("long.pdf", long, limits=LoadLimits(max_pdf_pages=10))
+    with pytest.raises(UnsupportedDocument, match="longer than 0s"):
+        load_bytes("long.pdf", long, limits=LoadLimits(pdf_parse_seconds=0))
+    (document,) = load_bytes("long.pdf", long, limits=LoadLimits(max_pdf_pages=12))
+    assert len(document.sections) == 12
+
+
+def test_path_like_file_names_keep_only_their_last_part_and_the_path_is_the_source() -> None:
+    assert file_name("../../etc/passwd.txt") == "passwd.txt"
+    assert file_name("..\\..\\windows\\win.ini.txt") == "win.ini.txt"
+    (document,) = load_bytes("../../etc/notes.txt", b"Some notes.")
+    assert document.name == "notes.txt" and document.metadata["source"] == "notes.txt"
+    assert document.source == document.metadata["path"] == "../../etc/notes.txt"
+
+
+def test_fingerprint_is_the_content_id_or_for_own_ids_text_and_metadata() -> None:
+    plain = make_document("a.txt", "Same text.", {"k": 1})
+    assert plain.fingerprint == plain.id == make_document("b.txt", "Same text.", {"k": 2}).fingerprint
+    own = make_document("a.txt", "Same text.", {"k": 1}, explicit_id="doc-1")
+    assert own.fingerprint != make_document("a.txt", "Same text.", {"k": 2}, explicit_id="doc-1").fingerprint
+    assert own.fingerprint != make_document("a.txt", "New text.", {"k": 1}, explicit_id="doc-1").fingerprint
+    assert own.fingerprint == make_document("z.txt", "Same  text.", {"k": 1}, explicit_id="doc-1").fingerprint

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +11,9 @@ import pytest
 from services.retriever.vector_index import TorchExactIndex, VectorIndex, normalise
 
 
-def _clustered(n: int, dimension: int, clusters: int, seed: int) -> np.ndarray:
+def _clustered(n: int, dimension: int, clusters: int, seed: int, centres_seed: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dimension))
+    centres = np.random.default_rng(seed if centres_seed is None else centres_seed).normal(size=(clusters, dimension))
     return (centres[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, dimension))).astype(np.float32)
 
 
@@ -49,7 +52,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 def test_past_the_threshold_an_ivf_index_keeps_recall_at_10_above_0_9() -> None:
     n, dimension = 4000, 64
     vectors = _clustered(n, dimension, clusters=40, seed=3)
-    queries = _clustered(100, dimension, clusters=40, seed=4)
+    queries = _clustered(100, dimension, clusters=40, seed=4, centres_seed=3)
     index = VectorIndex(dimension, ann_threshold=1000, use_gpu=False)
     index.build(np.arange(n), vectors)
     assert index.kind == "ivf"
@@ -58,6 +61,29 @@ def test_past_the_threshold_an_ivf_index_keeps_recall_at_10_above_0_9() -> None:
     recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
     assert recall >= 0.9, recall
     assert index.remove(np.arange(0, 100)) == 100 and index.size == n - 100
+
+
+def test_ivf_nprobe_is_the_smallest_measured_to_reach_recall_0_95(tmp_path: Path) -> None:
+    n, dimension = 6000, 32
+    vectors = _clustered(n, dimension, clusters=60, seed=6)
+    queries = _clustered(200, dimension, clusters=60, seed=7, centres_seed=6)  # new questions on the same topics
+    index = VectorIndex(dimension, ann_threshold=1000, use_gpu=False)
+    index.build(np.arange(n), vectors)
+    nlist = 4 * int(np.sqrt(n))
+    assert index.kind == "ivf" and index.measured_recall >= 0.95
+    assert 1 <= index.nprobe < nlist // 4  # cheaper than the old fixed quarter of the lists
+    truth = np.argsort(-(normalise(queries) @ normalise(vectors).T), axis=1)[:, :10]
+    _, found = index.search(queries, 10)
+    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert recall >= 0.95, recall
+    index.save(tmp_path / "ivf.rvix")
+    loaded = VectorIndex.load(tmp_path / "ivf.rvix", ann_threshold=1000, use_gpu=False)
+    assert (loaded.nprobe, loaded.measured_recall) == (index.nprobe, index.measured_recall)
+    # A narrow filter probes proportionally more lists, so its few allowed ids are still found.
+    allowed = np.arange(0, n, 97)
+    _, ids = index.search(vectors[0], 10, allowed=allowed)
+    exact = allowed[np.argsort(-(normalise(vectors[allowed]) @ normalise(vectors[:1]).T)[:, 0])[:10]]
+    assert len(set(ids[0]) & set(exact)) >= 9
 
 
 def test_needs_rebuild_when_crossing_the_threshold() -> None:
@@ -81,3 +107,52 @@ def test_torch_exact_index_matches_faiss(device: str) -> None:
     assert np.array_equal(expected[:, 0], found[:, 0]) and np.mean(expected == found) >= 0.8
     _, ids = torch_index.search(queries[0], 4, allowed=np.array([1, 3]))
     assert sorted(ids[0].tolist()) == [-1, -1, 1, 3]
+
+
+@pytest.fixture
+def fine_thread_switching() -> Iterator[None]:
+    """Switch threads every few microseconds, so an unguarded read-during-write shows up within a second."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("fine_thread_switching")
+@pytest.mark.parametrize("make", [lambda d: VectorIndex(d, use_gpu=False), lambda d: TorchExactIndex(d, device="cpu")],
+                         ids=["faiss", "torch"])
+def test_searches_racing_with_adds_and_removes_see_consistent_ids_and_scores(make: object) -> None:
+    dimension, n = 32, 4000
+    table = normalise(np.random.default_rng(8).normal(size=(n, dimension)))
+    index = make(dimension)  # type: ignore[operator]
+    index.add(np.arange(n // 2), table[: n // 2])
+    wrong: list[tuple[int, float]] = []
+    touched: set[int] = set()
+    done = threading.Event()
+
+    def write() -> None:
+        rng = np.random.default_rng(9)
+        for _ in range(200):
+            ids = rng.choice(n, 50, replace=False)
+            index.remove(ids)
+            index.add(ids, table[ids])
+            touched.update(ids.tolist())
+        done.set()
+
+    def read(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not done.is_set():
+            queries = table[rng.integers(0, n, 4)]
+            scores, ids = index.search(queries, 5)
+            for query, row_scores, row_ids in zip(queries, scores, ids, strict=True):
+                # Every hit must be an id whose own vector gives exactly the score reported for it.
+                wrong.extend((int(i), float(s)) for s, i in zip(row_scores, row_ids, strict=True)
+                             if i >= 0 and (i >= n or abs(float(query @ table[i]) - float(s)) > 1e-3))
+
+    threads = [threading.Thread(target=write), *(threading.Thread(target=read, args=(s,)) for s in (10, 11))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not wrong, wrong[:5]
+    assert sorted(index.ids().tolist()) == sorted(set(range(n // 2)) | touched)
