@@ -26,6 +26,9 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    # Sliding-window attention (Mistral; Qwen2 with use_sliding_window): the window of the layers that use one,
+    # None when every layer attends to the whole context. The engine serves contexts up to the window only.
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -63,4 +66,20 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
             o_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=_sliding_window(model_type, hf),
         )
+
+
+def _sliding_window(model_type: str, hf: dict[str, Any]) -> int | None:
+    """The attention window transformers would apply to some layer of this config, if any."""
+    if model_type == "mistral":
+        window = hf.get("sliding_window", 4096)  # transformers' MistralConfig default when the key is absent
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        window = hf.get("sliding_window", 4096)
+        layer_types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                                else "full_attention" for i in range(hf["num_hidden_layers"])]
+        if "sliding_attention" not in layer_types:
+            window = None
+    else:
+        window = None
+    return int(window) if window else None

@@ -79,6 +79,7 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.max_model_len = self._max_model_len(loaded)
         num_blocks = self._num_kv_blocks(loaded)
+        self.max_model_len = self._fit_context_to_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_token_threshold)
@@ -196,10 +197,6 @@ class LLMEngine:
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds the model's context length of {self.max_model_len} tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if total > capacity:
-            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                             f"exceeds the KV cache's capacity of {capacity} tokens")
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         generator = None
@@ -291,11 +288,31 @@ class LLMEngine:
     def _max_model_len(self, loaded: LoadedModel) -> int:
         limit = loaded.config.max_position_embeddings
         wanted = self.config.max_model_len
+        window = loaded.config.sliding_window
+        # Attention here spans the whole context; within a sliding window's length the two are the same.
+        if window is not None and window < (wanted or limit):
+            if wanted is not None:
+                raise ValueError(f"max_model_len {wanted} is longer than the model's sliding attention window of "
+                                 f"{window} tokens, which this engine does not implement; set it to {window} or less")
+            log.warning("the model attends over a sliding window of %d tokens, which this engine does not implement: "
+                        "serving a context of %d tokens, where full attention is the same", window, window)
+            return window
         if wanted is None:
             return limit
         if not 0 < wanted <= limit:
             raise ValueError(f"max_model_len {wanted} must be between 1 and the model's {limit} positions")
         return wanted
+
+    def _fit_context_to_pool(self, num_blocks: int) -> int:
+        """The context length the KV pool can hold for one sequence: a longer one would admit requests (and a
+        server's default max_tokens, "the rest of the context") that could never run."""
+        capacity = num_blocks * self.block_size
+        if self.max_model_len <= capacity:
+            return self.max_model_len
+        log.warning("max_model_len %d is more than the KV cache holds (%d blocks of %d tokens); serving a context of "
+                    "%d tokens (a bigger KV cache allows more)", self.max_model_len, num_blocks, self.block_size,
+                    capacity)
+        return capacity
 
     def _num_kv_blocks(self, loaded: LoadedModel) -> int:
         per_block = kv_bytes_per_block(loaded.config, self.block_size, self.dtype)

@@ -8,6 +8,7 @@ import pytest
 
 from services.llm.engine import LLMEngine, SamplingParams
 
+from .conftest import kv_gib_for_blocks
 from .test_engine_greedy import assert_no_leaks, random_prompts
 
 
@@ -161,3 +162,19 @@ def test_hardware_profile_is_detected_and_configured_values_win(engine: LLMEngin
     default = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)
     assert default.block_size == default.hardware.kv_block_size == 16
     assert default.hardware.describe()["kv_block_size"] == 16
+
+
+def test_context_is_clamped_to_what_the_kv_pool_holds(tiny_models: dict[str, Path], make_engine,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    pool = kv_gib_for_blocks(tiny_models["llama"], 8, block_size=4)  # 32 tokens; the model has 512 positions
+    assert make_engine(tiny_models["llama"], block_size=4, kv_cache_gib=pool).max_model_len == 32
+    with caplog.at_level("WARNING", logger="services.llm.engine.engine"):
+        small = make_engine(tiny_models["llama"], block_size=4, kv_cache_gib=pool, max_model_len=256)
+    assert small.max_model_len == 32
+    assert "max_model_len 256 is more than the KV cache holds" in caplog.text and "32 tokens" in caplog.text
+    # A request filling the whole (clamped) context runs; one token more is refused with the numbers.
+    [out] = small.generate([[5] * 10], SamplingParams(max_tokens=22, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 22
+    with pytest.raises(ValueError, match=r"10 tokens.*23.*33.*context length of 32"):
+        small.add_request("over", [5] * 10, SamplingParams(max_tokens=23))
+    assert_no_leaks(small)
