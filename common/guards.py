@@ -24,19 +24,27 @@ async def _send_error(send: Send, status: int, message: str, headers: list | Non
 
 
 class BearerAuth:
-    """Every route but health needs `Authorization: Bearer <api_key>`."""
+    """Every route but health, and the `public` paths a service names, needs `Authorization: Bearer <api_key>`.
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    A public entry ending in `/*` opens everything under that prefix (static files that hold no data).
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, public: tuple[str, ...] = ()) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.open_paths = {*OPEN_PATHS, *(p for p in public if not p.endswith("/*"))}
+        self.open_prefixes = tuple(p[:-1] for p in public if p.endswith("/*"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or self._is_open(scope["path"]):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             message = "missing API key" if not given else "invalid API key"
             return await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])
         await self.app(scope, receive, send)
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
 
 class BodyTooLarge(APIError):

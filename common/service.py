@@ -56,14 +56,18 @@ def create_app(*, title: str, service: str, settings: ServiceSettings, readiness
 
     app.state.readiness = readiness
     app.state.registry = registry
+    app.state.public_paths = ()  # paths served without the API key besides health (see `guarded`)
     return app
 
 
 def guarded(app: FastAPI, settings: ServiceSettings) -> ASGIApp:
-    """The app wrapped in the body-size limit and, when `API_KEY` is set, bearer auth."""
+    """The app wrapped in the body-size limit and, when `API_KEY` is set, bearer auth.
+
+    Health and the app's `state.public_paths` stay open (`"/ui/*"` opens a whole prefix).
+    """
     wrapped: ASGIApp = BodySizeLimit(app, settings.max_body_bytes)
     if settings.api_key:
-        wrapped = BearerAuth(wrapped, settings.api_key)
+        wrapped = BearerAuth(wrapped, settings.api_key, public=tuple(getattr(app.state, "public_paths", ())))
     return wrapped
 
 

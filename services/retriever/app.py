@@ -35,6 +35,7 @@ from services.retriever.chunking import Chunker
 from services.retriever.dependencies import EmbeddingClient, LLMClient, RerankClient
 from services.retriever.knowledge_base import KnowledgeBase
 from services.retriever.loaders import LoadLimits, SourceDocument, UnsupportedDocument, load_bytes, make_document
+from services.retriever.playground import mount_playground
 from services.retriever.rag import PreparedAnswer, RagPipeline, sse
 from services.retriever.settings import RetrieverSettings
 
@@ -69,10 +70,16 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
     def pipeline() -> RagPipeline:
         return state["rag"]  # type: ignore[return-value]
 
+    discovery = {"embed": embedder.models, "rerank": reranker.models}  # and "llm" once the lifespan made its client
+
     async def watch_dependencies() -> None:
         while True:
             for name, client in clients.items():
-                readiness.details[name] = {"url": client.base_url, "ready": await client.is_ready()}
+                status: dict[str, object] = {"url": client.base_url, "ready": await client.is_ready()}
+                if status["ready"] and name in discovery:
+                    with suppress(APIError):  # the model id is for display; readiness is what counts
+                        status["model"] = await discovery[name].model()
+                readiness.details[name] = status
             await asyncio.sleep(_HEALTH_POLL_S)
 
     async def save_indexes(knowledge_base: KnowledgeBase) -> None:
@@ -102,6 +109,7 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         state["kb"] = app.state.knowledge_base = knowledge_base
         llm = LLMClient(clients["llm"], settings.llm_model, fallback_counter=chunker.count,
                         fallback_context=settings.llm_context_length)
+        discovery["llm"] = llm.models
         state["rag"] = RagPipeline(knowledge_base, llm, reranker, system_prompt=settings.system_prompt,
                                    vdb_top_k=settings.vdb_top_k, reranker_top_k=settings.reranker_top_k,
                                    default_max_tokens=settings.default_max_tokens, deadline=settings.rag_timeout)
@@ -128,6 +136,7 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
 
     app = create_app(title="RAG retriever", service="retriever", settings=settings, readiness=readiness,
                      registry=registry, models=lambda: [ModelCard("rag-retriever")], lifespan=lifespan)
+    mount_playground(app)
 
     # Every call into the knowledge base that touches SQLite or an index runs in a thread: a long write holds
     # the store lock, and the event loop (health included) must keep answering meanwhile.

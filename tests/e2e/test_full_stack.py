@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("llm", "embed", "rerank", "retriever")
@@ -37,21 +37,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Servic
     missing = [s for s in SERVICES if not (ROOT / "services" / s / "__main__.py").exists()]
     if missing:
         pytest.skip(f"service packages without an entry point yet: {', '.join(missing)}")
-    logs = tmp_path_factory.mktemp("stack")
-    common = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    processes = {name: ServiceProcess(name, env=dict(common), log_dir=logs) for name in ("llm", "embed", "rerank")}
-    retriever_env = {**common, "RETRIEVER_DATA_DIR": str(logs / "data"),
-                     **{f"RETRIEVER_{n.upper()}_URL": p.url for n, p in processes.items()}}
-    processes["retriever"] = ServiceProcess("retriever", env=retriever_env, log_dir=logs)
-    try:
-        for process in processes.values():
-            process.start()
-        for process in processes.values():
-            process.wait_ready(600)
+    with running_stack(tmp_path_factory.mktemp("stack")) as processes:
         yield processes
-    finally:
-        for process in reversed(processes.values()):
-            process.stop()
 
 
 @pytest.fixture(scope="module")

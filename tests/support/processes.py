@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,3 +87,23 @@ class ServiceProcess:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+@contextmanager
+def running_stack(log_dir: Path, env: dict[str, str] | None = None,
+                  timeout: float = 600.0) -> Iterator[dict[str, ServiceProcess]]:
+    """llm, embed and rerank, plus a retriever pointed at them (index in `log_dir/data`), all ready; stopped after."""
+    common = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    processes = {name: ServiceProcess(name, env=dict(common), log_dir=log_dir) for name in ("llm", "embed", "rerank")}
+    retriever_env = {**common, "RETRIEVER_DATA_DIR": str(log_dir / "data"),
+                     **{f"RETRIEVER_{n.upper()}_URL": p.url for n, p in processes.items()}}
+    processes["retriever"] = ServiceProcess("retriever", env=retriever_env, log_dir=log_dir)
+    try:
+        for process in processes.values():
+            process.start()
+        for process in processes.values():
+            process.wait_ready(timeout)
+        yield processes
+    finally:
+        for process in reversed(processes.values()):
+            process.stop()

@@ -64,7 +64,8 @@ def manuals(client: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_health_reports_each_dependency(client: httpx.Client, embed_process: ServiceProcess) -> None:
     body = client.get("/v1/health/ready").json()
     assert body["ready"] is True
-    assert body["details"]["embed"] == {"url": embed_process.url, "ready": True}
+    embed_model = httpx.get(embed_process.url + "/v1/models").json()["data"][0]["id"]
+    assert body["details"]["embed"] == {"url": embed_process.url, "ready": True, "model": embed_model}
     assert body["details"]["llm"]["ready"] is False and body["details"]["rerank"]["ready"] is False
 
 

@@ -108,6 +108,20 @@ def test_bearer_auth_guards_all_but_health() -> None:
         assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
 
 
+def test_bearer_auth_leaves_the_apps_public_paths_open() -> None:
+    settings = DemoSettings(api_key="k1")
+    app = create_app(title="demo", service="demo", settings=settings, readiness=Readiness(),
+                     registry=CollectorRegistry(), models=lambda: [])
+    for path in ("/", "/ui/app.js", "/uix"):
+        app.add_api_route(path, lambda: {"ok": True}, methods=["GET"])
+    app.state.public_paths = ("/", "/ui/*")
+    with TestClient(guarded(app, settings)) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/ui/app.js").status_code == 200
+        assert error_of(client.get("/uix"), 401)  # a prefix opens only what is under it
+        assert error_of(client.get("/v1/models"), 401)
+
+
 def test_settings_read_prefixed_env_and_unprefixed_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEMO_PORT", "9123")
     monkeypatch.setenv("DEMO_THRESHOLD", "0.75")
