@@ -48,7 +48,7 @@ def resolve_device(requested: str) -> str:
 
 
 class Encoder:
-    """One embedding model. `tokenize` is called from the event loop, `embed` from the batcher's thread.
+    """One embedding model. `tokenize` runs on the engine's tokenizer thread, `embed` on the batcher's thread.
 
     `tokenize` must stay on one thread: a fast tokenizer's truncation settings are state of the object.
     """

@@ -20,6 +20,7 @@ from common.errors import APIError, bad_request, not_found
 from common.health import Readiness
 from common.metrics import LATENCY_BUCKETS
 from common.model_files import bundled_embedding_model
+from common.offload import SerialThread
 from common.schemas.embeddings import EmbeddingRequest
 from common.service import ModelCard
 from services.embed.encoder import BUNDLED_MODEL_ID, Encoder, InputTooLong, shorten
@@ -67,6 +68,7 @@ class EmbeddingEngine:
         self.encoder: Encoder | None = None
         self.batcher: DynamicBatcher[list[int], np.ndarray] | None = None
         self._loading: threading.Thread | None = None
+        self._tokenizing = SerialThread("embed-tokenize")  # off the event loop: a long input must not stall health
 
     def start_loading(self) -> None:
         """Load in a thread so the server answers liveness (and 503 on ready) while the model loads."""
@@ -96,6 +98,7 @@ class EmbeddingEngine:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        self._tokenizing.shutdown()
 
     def model_cards(self) -> list[ModelCard]:
         metadata: dict[str, object] = {"root": self.model_path}
@@ -118,7 +121,8 @@ class EmbeddingEngine:
                               param="dimensions")
         prefix = encoder.prefixes[request.input_type]
         try:
-            tokenized = encoder.tokenize([prefix + text for text in texts] if prefix else texts, request.truncate)
+            tokenized = await self._tokenizing.run(encoder.tokenize, [prefix + text for text in texts] if prefix
+                                                   else texts, request.truncate)
         except InputTooLong as exc:
             self.metrics.requests.labels(request.input_type, "too_long").inc()
             raise bad_request(str(exc), param="input") from exc

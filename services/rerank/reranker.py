@@ -1,4 +1,4 @@
-"""The reranking core: tokenize pairs on the request path, score them through the shared dynamic batcher.
+"""The reranking core: tokenize pairs on a tokenizer thread, score them through the shared dynamic batcher.
 
 Importable without FastAPI; the service, tests and benchmarks all call `Reranker.rank`.
 """
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter
 
 from common.batching import BatcherMetrics, DynamicBatcher
+from common.offload import SerialThread
 from services.rerank.scorers import EncodedPair, Scorer
 
 
@@ -29,15 +30,17 @@ class Reranker:
         self.requests = Counter("rerank_requests", "ranking requests scored", registry=registry)
         self.passages = Counter("rerank_passages", "passages scored", registry=registry)
         self.tokens = Counter("rerank_tokens", "tokens of scored query + passage pairs", registry=registry)
+        self._tokenizing = SerialThread("rerank-tokenize")  # off the event loop: 512 passages take a while
 
     def start(self) -> None:
         self.batcher.start()
 
     def stop(self) -> None:
         self.batcher.stop()
+        self._tokenizing.shutdown()
 
     async def rank(self, query: str, passages: list[str], truncate: bool) -> RankedPassages:
-        pairs = self.scorer.encode(query, passages, truncate)
+        pairs = await self._tokenizing.run(self.scorer.encode, query, passages, truncate)
         logits = await self.batcher.submit(pairs, [pair.cost for pair in pairs])
         total_tokens = sum(pair.cost for pair in pairs)
         self.requests.inc()

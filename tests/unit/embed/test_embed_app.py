@@ -52,3 +52,43 @@ def test_help_lists_every_setting() -> None:
                 "API_KEY"):
         assert env in out, env
     assert "8001" in out
+
+
+def test_tokenizing_runs_off_the_event_loop() -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from common.health import Readiness
+    from common.schemas.embeddings import EmbeddingRequest
+    from services.embed.engine import EmbeddingEngine
+
+    entered, release = threading.Event(), threading.Event()
+    released_while_tokenizing: list[bool] = []
+
+    class GatedEncoder(Encoder):
+        """The real encoder; tokenize waits until the event loop, still free, lets it go."""
+
+        def tokenize(self, texts, truncate="NONE"):  # type: ignore[no-untyped-def]
+            entered.set()
+            released_while_tokenizing.append(release.wait(15))
+            return super().tokenize(texts, truncate)
+
+    settings = EmbedSettings(device="cpu")
+    engine = EmbeddingEngine(settings, Readiness(), CollectorRegistry(),
+                             loader=lambda s, model: GatedEncoder.load(model, "cpu"))
+    engine.load()
+
+    async def main() -> dict:
+        request = asyncio.create_task(engine.embed(EmbeddingRequest(input=["a long document"])))
+        while not entered.is_set():  # the loop must keep turning while the input is tokenized
+            await asyncio.sleep(0.01)
+        release.set()
+        return await request
+
+    try:
+        reply = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert released_while_tokenizing == [True]
+    assert len(reply["data"][0]["embedding"]) == 384

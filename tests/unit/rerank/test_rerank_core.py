@@ -51,3 +51,37 @@ def test_a_full_queue_refuses_with_429(scorer: CrossEncoderScorer) -> None:
     with pytest.raises(QueueFull) as refused:
         asyncio.run(rank())
     assert refused.value.status == 429
+
+
+def test_tokenizing_runs_off_the_event_loop(scorer: CrossEncoderScorer) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    released_while_tokenizing: list[bool] = []
+    real_encode = scorer.encode
+
+    class GatedScorer:
+        """The real scorer; encode waits until the event loop, still free, lets it go."""
+
+        kind, max_length, score = scorer.kind, scorer.max_length, scorer.score
+
+        def encode(self, query: str, passages: list[str], truncate: bool) -> list:
+            entered.set()
+            released_while_tokenizing.append(release.wait(15))
+            return real_encode(query, passages, truncate)
+
+    reranker = Reranker(GatedScorer(), CollectorRegistry())  # type: ignore[arg-type]
+
+    async def main() -> object:
+        reranker.start()
+        try:
+            ranking = asyncio.create_task(reranker.rank("cats", ["cats sit", "dogs run"], truncate=True))
+            while not entered.is_set():  # the loop must keep turning while the pairs are tokenized
+                await asyncio.sleep(0.01)
+            release.set()
+            return await ranking
+        finally:
+            reranker.stop()
+
+    ranked = asyncio.run(main())
+    assert released_while_tokenizing == [True] and len(ranked.logits) == 2  # type: ignore[attr-defined]
