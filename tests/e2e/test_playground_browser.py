@@ -186,7 +186,13 @@ def test_scenario(page: Page, stack: dict[str, ServiceProcess], upload_files: di
           .map(e => e.outerHTML.slice(0, 80));""")
     assert unlabelled == []
 
-    # 1. Create a collection.
+    # 1. Create a collection (and delete one, which asks first).
+    page.type_into("#collection-name", "scratch")
+    page.find("#collection-name").send_keys(Keys.ENTER)
+    page.until(lambda: page.all("#collection-list li[data-collection=scratch]"), message="collection not created")
+    page.find("#collection-list li[data-collection=scratch] button.danger").click()
+    assert "scratch" in page.accept_confirm()
+    page.until(lambda: not page.all("#collection-list li[data-collection=scratch]"), message="collection not deleted")
     page.type_into("#collection-name", "demo")
     page.find("#collection-name").send_keys(Keys.ENTER)
     page.until(lambda: page.all("#collection-list li[data-collection=demo] button[aria-pressed=true]"),
@@ -194,7 +200,16 @@ def test_scenario(page: Page, stack: dict[str, ServiceProcess], upload_files: di
     assert page.find("#scope input[value=demo]").is_selected()
     page.shot("1-collection")
 
-    # 2. Upload examples/docs and friends through the file input, and one file by drag and drop.
+    # 2. Upload examples/docs and friends through the file input, and one file by drag and drop; each file's row
+    # goes through its own states (its progress bar shows while it uploads).
+    page.js("""
+        window.__states = {};
+        new MutationObserver(records => records.forEach(r => {
+          const file = r.target.dataset && r.target.dataset.file;
+          if (file) (window.__states[file] = window.__states[file] || []).push(r.target.dataset.state);
+        })).observe(document.getElementById('upload-list'),
+                    {subtree: true, childList: true, attributes: true, attributeFilter: ['data-state']});
+        """)
     page.find("#file-input").send_keys("\n".join(str(path) for path in upload_files.values()))
     page.js("""
         const drop = new DataTransfer();
@@ -213,6 +228,9 @@ def test_scenario(page: Page, stack: dict[str, ServiceProcess], upload_files: di
     assert good == sorted([*(p.name for p in (ROOT / "examples" / "docs").iterdir()), "router-guide.pdf",
                            "release-notes.md"]), outcome
     page.until(lambda: len(page.all("#document-list li")) == len(good), message="document list not refreshed")
+    states = page.js("return window.__states")
+    assert states["router-guide.pdf"] == ["uploading", "indexing", "done"], states
+    assert states["broken.pdf"][0] == "uploading" and states["broken.pdf"][-1] == "error", states
     page.shot("2-upload")
 
     # Settings survive a reload (local storage); the key does too (session storage, same tab).

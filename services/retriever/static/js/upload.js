@@ -76,7 +76,7 @@ async function pump() {
     row.status.textContent = "uploading";
     uploadFile(collection, file, (fraction) => {
       row.bar.value = fraction;
-      if (fraction >= 1) {
+      if (fraction >= 1 && row.row.dataset.state === "uploading") {
         row.bar.removeAttribute("value"); // indeterminate: the server is chunking and embedding
         row.row.dataset.state = "indexing";
         row.status.textContent = "indexing";
