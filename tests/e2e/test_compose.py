@@ -1,7 +1,8 @@
-"""The GPU deployment files, checked by a real Compose implementation and by reading what they declare.
+"""The deployment files, checked by a real Compose implementation and by reading what they declare.
 
 `docker-compose` (Debian's 1.29 package) validates a compose file against its schema without a Docker engine.
-Nothing here can build the CUDA images or download the hub models; that part is for a GPU box.
+Nothing here can build the CUDA images or download the hub models; that part is for a GPU box. The CPU variant
+(compose.cpu.yaml) is also built and run, in tests/e2e/test_containers.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_CPU = ROOT / "compose.cpu.yaml"
+COMPOSE_PORTS = ROOT / "compose.ports.yaml"
 MODEL_SERVICES = ("llm", "embed", "rerank")
 SERVICES = (*MODEL_SERVICES, "retriever")
 PORTS = {"llm": 8000, "embed": 8001, "rerank": 8002, "retriever": 8080}
@@ -36,11 +39,20 @@ def duration_seconds(text: str) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
-def compose_config(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def compose_config(path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # A clean env: the defaults in the file are what is checked, not whatever this shell exports.
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    clean = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
     return subprocess.run([COMPOSE_BIN or "docker-compose", "-f", str(path), *extra, "config"], cwd=path.parent,
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=clean, capture_output=True, text=True, timeout=60)
+
+
+def resolve(*files: Path, env: dict[str, str] | None = None) -> dict:
+    if COMPOSE_BIN is None:
+        pytest.skip("docker-compose is not installed (apt-get install -y docker-compose)")
+    extra = [arg for path in files[1:] for arg in ("-f", str(path))]
+    result = compose_config(files[0], *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +65,30 @@ def resolved() -> dict:
     return yaml.safe_load(result.stdout)
 
 
+@pytest.fixture(scope="module")
+def resolved_cpu() -> dict:
+    return resolve(COMPOSE_CPU)
+
+
 @needs_compose
 def test_compose_file_is_valid() -> None:
     result = compose_config(COMPOSE)
     assert result.returncode == 0, result.stderr
 
 
+def write_beside_base(folder: Path, document: dict) -> Path:
+    """`document` as folder/compose.yaml, with the shared file its services extend at the same relative path."""
+    (folder / "docker").mkdir()
+    shutil.copy(ROOT / "docker" / "compose.base.yaml", folder / "docker" / "compose.base.yaml")
+    path = folder / "compose.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
 @needs_compose
 def test_intact_copy_is_accepted(tmp_path: Path) -> None:
     """The control for the test below: the copy itself is valid, so a rejection there is the breakage's doing."""
-    copy = tmp_path / "compose.yaml"
-    copy.write_text(yaml.safe_dump(yaml.safe_load(COMPOSE.read_text())))
+    copy = write_beside_base(tmp_path, yaml.safe_load(COMPOSE.read_text()))
     result = compose_config(copy)
     assert result.returncode == 0, result.stderr
 
@@ -78,29 +103,98 @@ def test_broken_copy_is_rejected(tmp_path: Path, breakage: str) -> None:
         document["services"]["embed"]["ports"] = {"host": 8001}
     else:
         document["services"]["retriever"]["depends_on"]["vectordb"] = {"condition": "service_healthy"}
-    broken = tmp_path / "compose.yaml"
-    broken.write_text(yaml.safe_dump(document))
+    broken = write_beside_base(tmp_path, document)
     result = compose_config(broken)
     assert result.returncode != 0, f"{breakage}: docker-compose accepted it:\n{result.stdout[:2000]}"
     assert {"unknown key": "gpus_please", "ports not a list": "ports",
             "depends on a missing service": "vectordb"}[breakage] in result.stderr
 
 
-def test_services_ports_and_images(resolved: dict) -> None:
-    services = resolved["services"]
+def published_targets(service: dict) -> list[int]:
+    return [p["target"] if isinstance(p, dict) else int(str(p).split(":")[-1]) for p in service.get("ports", [])]
+
+
+@pytest.mark.parametrize("variant", ["compose.yaml", "compose.cpu.yaml"])
+def test_services_ports_and_images(variant: str, resolved: dict, resolved_cpu: dict) -> None:
+    services = (resolved if variant == "compose.yaml" else resolved_cpu)["services"]
     assert set(SERVICES) <= set(services)
     for name, port in PORTS.items():
         service = services[name]
         assert service["build"]["target"] == name
         assert Path(service["build"]["dockerfile"]).name == "Dockerfile"
-        assert [p["target"] if isinstance(p, dict) else int(str(p).split(":")[-1]) for p in service["ports"]] == [port]
+        assert service["image"] == f"rag-platform/{name}:{'latest' if variant == 'compose.yaml' else 'cpu'}"
+        # Only the retriever is published by default; the model services talk on the compose network.
+        assert published_targets(service) == ([port] if name == "retriever" else []), name
         assert service["restart"] == "unless-stopped"
 
 
+def test_model_services_are_published_only_on_request() -> None:
+    services = resolve(COMPOSE, COMPOSE_PORTS)["services"]
+    assert {name: published_targets(services[name]) for name in PORTS} == {
+        name: [port] for name, port in PORTS.items()}
+    cpu = resolve(COMPOSE_CPU, COMPOSE_PORTS, env={"LLM_PUBLISHED_PORT": "18000"})["services"]
+    assert [p["published"] for p in cpu["llm"]["ports"]] == [18000]
+
+
 def test_gpu_reservations(resolved: dict) -> None:
-    for name in MODEL_SERVICES:
+    # The retriever searches on the GPU too (faiss-gpu, or the exact torch index on CUDA).
+    for name in SERVICES:
         devices = resolved["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}], name
+
+
+def test_gpu_memory_shares_of_one_card_add_up_to_at_most_095(resolved: dict) -> None:
+    from services.embed.settings import EmbedSettings
+    from services.llm.settings import LLMSettings
+    from services.rerank.settings import RerankSettings
+    from services.retriever.settings import RetrieverSettings
+
+    settings = {"llm": LLMSettings, "embed": EmbedSettings, "rerank": RerankSettings, "retriever": RetrieverSettings}
+    shares: dict[str, float] = {}
+    for name, settings_cls in settings.items():
+        variable = f"{name.upper()}_GPU_MEMORY_UTILIZATION"
+        # Each share is a real setting of its service (so `--help` documents it), set in compose.
+        assert "gpu_memory_utilization" in settings_cls.model_fields, name
+        shares[name] = float(resolved["services"][name]["environment"][variable])
+    assert sum(shares.values()) <= 0.95 + 1e-9, shares
+    assert shares["llm"] == max(shares.values())
+
+
+def test_cpu_variant_runs_the_bundled_models_without_gpus(resolved_cpu: dict) -> None:
+    for name in SERVICES:
+        service = resolved_cpu["services"][name]
+        assert "deploy" not in service, name
+        assert service["environment"]["HF_HUB_OFFLINE"] == "1", name
+        # No *_MODEL: each service loads the model bundled in its image.
+        assert not [key for key in service["environment"] if key.endswith("_MODEL")], name
+        args = service["build"]["args"]
+        assert args["BASE_IMAGE"] == "rag-platform/debian:bookworm" and args["ACCEL_EXTRA"] == ""
+        assert args["TORCH_REQUIREMENT"] == "torch==2.13.0+cpu"
+    assert resolved_cpu["services"]["retriever"]["depends_on"] == {
+        name: {"condition": "service_healthy"} for name in MODEL_SERVICES}
+
+
+def test_grafana_has_no_default_admin_password(resolved: dict) -> None:
+    grafana = resolved["services"]["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    assert grafana["environment"]["GRAFANA_ADMIN_PASSWORD"] == ""
+    script = grafana["command"][0]
+    # Unset: admin login off and a random password; set: that password.
+    assert "GF_AUTH_DISABLE_LOGIN_FORM=true" in script and "/dev/urandom" in script
+    assert not re.search(r"ADMIN_PASSWORD=[\"']?admin\b", script), script
+
+
+def test_api_key_never_lands_in_a_volume(resolved: dict) -> None:
+    """Prometheus needs the key in a file: it is written into a tmpfs, outside every volume."""
+    prometheus = resolved["services"]["prometheus"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    key_file = Path(config["scrape_configs"][0]["authorization"]["credentials_file"])
+    assert str(key_file) in prometheus["command"][0]
+    assert any(key_file.is_relative_to(mount) for mount in prometheus["tmpfs"])
+    for service in resolved["services"].values():
+        for volume in service.get("volumes", []):
+            target = volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+            assert not key_file.is_relative_to(target), (key_file, target)
 
 
 def test_gpu_ids_come_from_env(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def demo_app(**settings: object) -> TestClient:
         if body.text == "busy":
             raise APIError(429, "too busy", code="queue_full")
         if body.text == "bug":
-            raise RuntimeError("a bug")
+            raise RuntimeError("a bug in /srv/secret-path")
         return {"text": body.text * body.count}
 
     app.state.readiness_handle = readiness
@@ -76,7 +76,10 @@ def test_api_errors_keep_status_param_and_code(client: TestClient) -> None:
 
 def test_unknown_route_and_bug_are_openai_errors(client: TestClient) -> None:
     assert "no route" in error_of(client.get("/v1/nothing"), 404)["message"]
-    assert error_of(client.post("/v1/echo", json={"text": "bug"}), 500)["type"] == "internal_server_error"
+    bug = error_of(client.post("/v1/echo", json={"text": "bug"}), 500)
+    assert bug["type"] == "internal_server_error"
+    # The exception's text stays in the log: clients learn nothing about the server's insides.
+    assert "secret-path" not in bug["message"] and "RuntimeError" not in bug["message"]
 
 
 def test_health_models_and_metrics(client: TestClient) -> None:
