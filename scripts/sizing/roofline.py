@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import optimize
 
 from .devices import Device
 from .measured import MeasuredPoint
@@ -182,15 +183,15 @@ class Roofline:
         def loss(eff: Efficiency) -> float:
             return float((np.log(self._errors(points, eff)) ** 2).sum())
 
-        best = Efficiency()
-        grid = (np.geomspace(1e-3, 2.0, 12), np.geomspace(1e-3, 2.0, 12), np.concatenate([[0.0],
-                np.geomspace(1e-5, 1.0, 11)]))
-        for _ in range(3):  # a coarse grid, then two finer grids around the best point
-            candidates = (Efficiency(c, b, o) for c, b, o in itertools.product(*grid))
-            best = min(candidates, key=loss)
-            grid = tuple(np.unique(np.clip(np.geomspace(max(v, 1e-7) / 2.5, max(v, 1e-7) * 2.5, 7), 0, None))
-                         for v in (best.compute, best.bandwidth, best.step_overhead_s))
-            grid = (grid[0], grid[1], np.concatenate([[0.0], grid[2]]))
+        def from_logs(x: np.ndarray) -> Efficiency:
+            return Efficiency(*np.exp(x).tolist())
+
+        grid = itertools.product(np.geomspace(1e-3, 2.0, 10), np.geomspace(1e-3, 2.0, 10), np.geomspace(1e-6, 1, 10))
+        start = min((Efficiency(*values) for values in grid), key=loss)  # a coarse grid, then Nelder-Mead from there
+        found = optimize.minimize(lambda x: loss(from_logs(x)), np.log([start.compute, start.bandwidth,
+                                  start.step_overhead_s]), method="Nelder-Mead",
+                                  options={"xatol": 1e-4, "fatol": 1e-12, "maxiter": 3000})
+        best = from_logs(found.x) if found.fun <= loss(start) else start
 
         def summary(eff: Efficiency) -> dict[str, float]:
             errors = np.abs(self._errors(points, eff) - 1).mean(axis=0)
