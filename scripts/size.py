@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="KV cache (default: fp8 with --precision fp8, fp32 with fp32, else bf16)")
     hw.add_argument("--memory-utilization", type=float, default=0.9,
                     help="share of device memory the engine may use for weights + KV (default 0.9)")
-    hw.add_argument("--tp", type=_ints, default=[1, 2, 4, 8], help="tensor-parallel sizes to try (default 1,2,4,8)")
+    hw.add_argument("--tp", type=_ints,
+                    help="tensor-parallel sizes to try (default 1,2,4,8, up to the devices per node)")
     hw.add_argument("--concurrency", type=_ints, default=list(CONCURRENCIES),
                     help="concurrencies (running requests per replica) to try")
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> Plan:
     points, unreadable = read_points(args.measured, args.stat, args.measured_tp)
     efficiency = Efficiency(*args.efficiency[:2], args.efficiency[2] / 1e3) if args.efficiency else None
     limits = Limits(args.max_ttft, args.max_itl, args.max_e2e, args.mode)
-    plan = build_plan(roofline, workload, limits, args.tp, args.concurrency, points, efficiency)
+    tps = args.tp or [tp for tp in (1, 2, 4, 8) if tp <= max(device.per_node, 1)]
+    plan = build_plan(roofline, workload, limits, tps, args.concurrency, points, efficiency)
     plan.skipped += unreadable
     demand = demand_of(args)
     print("\n".join(report(plan, demand, args)))

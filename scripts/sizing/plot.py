@@ -44,7 +44,7 @@ def plot_fronts(points: list[Estimate], limits: Limits, choice: Choice, path: Pa
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         if limit is not None:
             left, right = ax.get_xlim()
-            right = max(right, limit * 1e3 * 1.6)
+            left, right = min(left, limit * 1e3 / 1.6), max(right, limit * 1e3 * 1.6)
             ax.axvspan(limit * 1e3, right, color="0.88", zorder=0, label="over the limit")
             ax.axvline(limit * 1e3, color="0.4", lw=1, ls="--")
             ax.set_xlim(left, right)
@@ -57,7 +57,7 @@ def plot_fronts(points: list[Estimate], limits: Limits, choice: Choice, path: Pa
         ax.set_xlabel(label + ", log scale")
         ax.set_ylabel(f"requests/s per {unit}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.suptitle(title + "\n(labels: concurrency; lines: Pareto front per TP)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
