@@ -16,13 +16,13 @@ Where the points come from (every figure printed says which):
   modelled, calibrated  the roofline with its compute/bandwidth efficiencies and per-step overhead fitted to
                         the measured points (the fit error is printed).
 
-Examples:
-  # the talk's Llama-7B question: 128 in / 512 out, 1.5M requests per 8-hour day, on DGX H100
+Examples (README, section "Sizing"):
+  # the talk's Llama-7B question: 128 in / 512 out, 153k users x 10 requests in an 8-hour day, on DGX H100
   python scripts/size.py --model llama-7b --device h100-sxm --input-len 128 --output-len 512 \\
-      --users 153000 --requests-per-user 10 --hours 8 --max-ttft 1 --max-itl 0.05 --plot docs/sizing-llama-7b.png
-  # CPU replicas of the laptop default for 2 requests/s with TTFT <= 2 s, from our measured CPU sweep
-  python scripts/size.py --model default --device cpu --precision fp32 --measured bench/results/<sweep> \\
-      --input-len 128 --output-len 64 --rate 2 --max-ttft 2
+      --users 153000 --requests-per-user 10 --hours 8 --max-ttft 0.5 --max-itl 0.025 --plot 7b.png
+  # CPU replicas of the laptop default for 2 requests/s with TTFT <= 2 s, from a measured aiperf sweep
+  python scripts/size.py --model default --device cpu --precision fp32 \\
+      --measured tests/unit/sizing/data/aiperf-cpu-sweep --input-len 128 --output-len 64 --rate 2 --max-ttft 2
 """
 
 from __future__ import annotations
