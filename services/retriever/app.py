@@ -38,6 +38,7 @@ from services.retriever.loaders import LoadLimits, SourceDocument, UnsupportedDo
 from services.retriever.playground import mount_playground
 from services.retriever.rag import PreparedAnswer, RagPipeline, sse
 from services.retriever.settings import RetrieverSettings
+from services.retriever.vector_store import open_vector_store
 
 log = logging.getLogger(__name__)
 _HEALTH_POLL_S = 5.0
@@ -102,10 +103,10 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         chunker = await asyncio.to_thread(Chunker.from_model_dir, tokenizer_dir, settings.embed_max_tokens)
+        vector_store = await asyncio.to_thread(open_vector_store, settings)
         knowledge_base = await asyncio.to_thread(KnowledgeBase, settings.data_dir, chunker, embedder,
-                                                 ann_threshold=settings.ann_threshold, reranker=reranker,
-                                                 max_query_chars=settings.max_query_chars,
-                                                 snapshot_changes=settings.index_snapshot_changes)
+                                                 reranker=reranker, max_query_chars=settings.max_query_chars,
+                                                 vector_store=vector_store)
         state["kb"] = app.state.knowledge_base = knowledge_base
         llm = LLMClient(clients["llm"], settings.llm_model, fallback_counter=chunker.count,
                         fallback_context=settings.llm_context_length)
@@ -113,12 +114,12 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         state["rag"] = RagPipeline(knowledge_base, llm, reranker, system_prompt=settings.system_prompt,
                                    vdb_top_k=settings.vdb_top_k, reranker_top_k=settings.reranker_top_k,
                                    default_max_tokens=settings.default_max_tokens, deadline=settings.rag_timeout)
-        readiness.details.update({"index_backend": knowledge_base.index_backend,
+        readiness.details.update({**vector_store.details(),
                                   "chunk_limit_tokens": chunker.max_tokens})
         tasks = [asyncio.create_task(watch_dependencies()), asyncio.create_task(save_indexes(knowledge_base))]
         readiness.set_ready()
         log.info("retriever ready: data in %s, %d collections", settings.data_dir,
-                 len(knowledge_base.store.collections()))
+                 len(vector_store.collections()))
         try:
             yield
         finally:

@@ -1,8 +1,7 @@
 """Collections of chunked, embedded documents, and search over them (dense, sparse BM25, hybrid by RRF).
 
-Ingestion order is what makes it crash-safe: chunk and embed first (nothing stored), then one SQLite
-transaction writes documents, chunks, vectors and full-text rows (the commit point), then the in-memory
-vector index is updated. A vector index file behind SQLite is rebuilt from the stored vectors at start-up.
+Ingestion chunks and embeds first (nothing stored), then hands the documents to the vector store in one write
+(services/retriever/vector_store.py: SQLite + FAISS, or Milvus), which is the commit point.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from common.http import DependencyError
 from services.retriever.chunking import Chunker
 from services.retriever.dependencies import EmbeddingClient, RerankClient
 from services.retriever.loaders import SourceDocument
+from services.retriever.local_store import LocalStore
 from services.retriever.store import (
     ChunkRow,
     Collection,
@@ -29,16 +28,14 @@ from services.retriever.store import (
     NeedsEmbedding,
     NewChunk,
     NewDocument,
-    Store,
     WriteResult,
     valid_collection_name,
 )
-from services.retriever.vector_index import TorchExactIndex, VectorIndex, faiss_gpu_available, torch_cuda_available
+from services.retriever.vector_store import VectorStore
 
 log = logging.getLogger(__name__)
 
 RRF_K = 60
-AnyIndex = VectorIndex | TorchExactIndex
 _EMBED_ROUNDS = 3  # documents changed by a concurrent request are re-embedded at most this often
 
 
@@ -83,102 +80,18 @@ class KnowledgeBase:
 
     def __init__(self, data_dir: Path, chunker: Chunker, embedder: EmbeddingClient, *, ann_threshold: int = 20_000,
                  reranker: RerankClient | None = None, index_backend: str = "auto", max_query_chars: int = 8192,
-                 snapshot_changes: int = 1024) -> None:
-        self.data_dir = data_dir
+                 snapshot_changes: int = 1024, vector_store: VectorStore | None = None) -> None:
         self.chunker, self.embedder, self.reranker = chunker, embedder, reranker
-        self.ann_threshold = ann_threshold
         self.max_query_chars = max_query_chars
-        self.snapshot_changes = snapshot_changes
-        self.index_backend = _choose_backend(index_backend)
-        self.store = Store(data_dir / "retriever.sqlite3")
-        self._indexes: dict[int, AnyIndex] = {}
-        self._write_lock = threading.Lock()  # one writer at a time keeps SQLite versions and the index in step
-        self._changes: dict[int, int] = {}  # vectors added or removed per collection since its index file was saved
-        self._open_indexes()
+        self.vectors = vector_store or LocalStore(data_dir, ann_threshold=ann_threshold, index_backend=index_backend,
+                                                  snapshot_changes=snapshot_changes)
+        self._create_lock = threading.Lock()
 
     def close(self) -> None:
-        try:
-            self.save_indexes(force=True)
-        finally:
-            self.store.close()
-
-    # start-up and persistence
-
-    def _index_path(self, collection: Collection) -> Path:
-        return self.data_dir / "indexes" / f"{collection.id}.rvix"
-
-    def _open_indexes(self) -> None:
-        (self.data_dir / "indexes").mkdir(parents=True, exist_ok=True)
-        for collection in self.store.collections():
-            self._indexes[collection.id] = self._load_or_rebuild(collection)
-
-    def _load_or_rebuild(self, collection: Collection) -> AnyIndex:
-        """The saved index caught up with SQLite (which holds every vector), or a fresh build if there is none."""
-        path = self._index_path(collection)
-        if self.index_backend == "torch" or not path.exists():
-            return self._rebuild(collection)
-        try:
-            index = VectorIndex.load(path, ann_threshold=self.ann_threshold, use_gpu=self.index_backend == "faiss-gpu")
-        except (OSError, ValueError, RuntimeError) as exc:
-            log.warning("collection %s: index file unreadable (%s); rebuilding", collection.name, exc)
-            return self._rebuild(collection)
-        if collection.dimension is not None and index.dimension != collection.dimension:
-            log.warning("collection %s: index file has %d-d vectors, SQLite %d-d; rebuilding", collection.name,
-                        index.dimension, collection.dimension)
-            return self._rebuild(collection)
-        stored, indexed = self.store.chunk_ids(collection.id), index.ids()
-        missing = np.setdiff1d(stored, indexed, assume_unique=True)
-        extra = np.setdiff1d(indexed, stored, assume_unique=True)
-        if len(missing):
-            ids, vectors = self.store.vectors(missing.tolist())
-            index.add(ids, vectors)
-        index.remove(extra)
-        index.version = collection.version
-        if index.needs_rebuild():
-            return self._rebuild(collection)
-        log.info("collection %s: loaded %s index with %d vectors (%d added, %d removed to catch up with SQLite)",
-                 collection.name, index.kind, index.size, len(missing), len(extra))
-        self._changes[collection.id] = len(missing) + len(extra)
-        return index
-
-    def _rebuild(self, collection: Collection) -> AnyIndex:
-        started = time.perf_counter()
-        ids, vectors = self.store.all_vectors(collection.id)
-        index = self._new_index(collection.dimension or (vectors.shape[1] if len(ids) else 1))
-        index.build(ids, vectors)
-        index.version = collection.version
-        index.save(self._index_path(collection))
-        log.info("collection %s: built %s index over %d vectors in %.2fs", collection.name, index.kind, len(ids),
-                 time.perf_counter() - started)
-        return index
-
-    def _new_index(self, dimension: int) -> AnyIndex:
-        if self.index_backend == "torch":
-            return TorchExactIndex(dimension, device="cuda")
-        return VectorIndex(dimension, ann_threshold=self.ann_threshold, use_gpu=self.index_backend == "faiss-gpu")
+        self.vectors.close()
 
     def save_indexes(self, force: bool = False) -> int:
-        """Rewrite the index files that fell far behind; returns how many were written.
-
-        SQLite holds every vector and start-up adds what an index file lacks, so a file is rewritten only when
-        the changes since its last save reach `snapshot_changes` and a quarter of its size (or when forced):
-        the cost of saving stays proportional to what changed. Writers wait while an index is serialised,
-        searches do not.
-        """
-        saved = 0
-        for collection in self.store.collections():
-            index = self._indexes.get(collection.id)
-            changes = self._changes.get(collection.id, 0)
-            if index is None or changes == 0:
-                continue
-            if force or changes >= max(self.snapshot_changes, index.size // 4):
-                index.save(self._index_path(collection))
-                self._changes[collection.id] = max(0, self._changes.get(collection.id, 0) - changes)
-                saved += 1
-        return saved
-
-    def index_of(self, collection: Collection) -> AnyIndex:
-        return self._indexes[collection.id]
+        return self.vectors.save(force)
 
     # collections
 
@@ -186,41 +99,30 @@ class KnowledgeBase:
         if not valid_collection_name(name):
             raise bad_request("collection name must be 1-128 letters, digits, '_', '-' or '.', starting with a letter "
                               "or digit", param="name")
-        with self._write_lock:
-            if self.store.collection(name) is not None:
+        with self._create_lock:
+            if self.vectors.collection(name) is not None:
                 raise APIError(409, f"collection {name!r} already exists", param="name")
-            collection = self.store.create_collection(name, description, metadata)
-            self._indexes[collection.id] = self._new_index(1)
+            collection = self.vectors.create_collection(name, description, metadata)
         log.info("created collection %s", name)
         return collection
 
     def collection(self, name: str) -> Collection:
-        collection = self.store.collection(name)
+        collection = self.vectors.collection(name)
         if collection is None:
             raise not_found(f"collection {name!r} does not exist", param="collection_name")
         return collection
 
     def describe(self, collection: Collection) -> dict:
-        documents, chunks = self.store.collection_stats(collection.id)
-        index = self._indexes.get(collection.id)
-        described = {"name": collection.name, "description": collection.description,
-                     "metadata": collection.metadata, "documents": documents, "chunks": chunks,
-                     "dimension": collection.dimension, "index": index.kind if index is not None else None,
-                     "created": int(collection.created)}
-        if index is not None and index.kind == "ivf":
-            described["nprobe"], described["measured_recall"] = index.nprobe, round(index.measured_recall, 4)
-        return described
+        return {"name": collection.name, "description": collection.description, "metadata": collection.metadata,
+                "dimension": collection.dimension, "created": int(collection.created),
+                **self.vectors.describe(collection)}
 
     def describe_all(self) -> list[dict]:
-        return [self.describe(c) for c in self.store.collections()]
+        return [self.describe(c) for c in self.vectors.collections()]
 
     def delete_collection(self, name: str) -> None:
         collection = self.collection(name)
-        with self._write_lock:
-            self.store.delete_collection(collection)
-            self._indexes.pop(collection.id, None)
-            self._changes.pop(collection.id, None)
-            self._index_path(collection).unlink(missing_ok=True)
+        self.vectors.delete_collection(collection)
         log.info("deleted collection %s", name)
 
     # documents
@@ -234,7 +136,7 @@ class KnowledgeBase:
             raise bad_request(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})",
                               param="chunk_overlap")
         unique = list({document.id: document for document in documents}.values())
-        stored = await asyncio.to_thread(self.store.fingerprints, collection.id, [d.id for d in unique])
+        stored = await asyncio.to_thread(self.vectors.fingerprints, collection, [d.id for d in unique])
         todo = {d.id for d in unique if stored.get(d.id) != d.fingerprint}
         prepared: dict[str, NewDocument] = {}
         for _ in range(_EMBED_ROUNDS):
@@ -286,45 +188,23 @@ class KnowledgeBase:
         return prepared
 
     def _commit(self, collection: Collection, documents: list[NewDocument], sources: set[str]) -> WriteResult:
-        with self._write_lock:
-            try:
-                result = self.store.write_documents(collection.id, documents, sources)
-            except CollectionGone as exc:
-                raise not_found(f"collection {collection.name!r} was deleted", param="collection_name") from exc
-            index = self._indexes[collection.id]
-            index.remove(np.asarray(result.removed_ids, np.int64))
-            if result.added_ids and index.size == 0 and index.dimension != result.added_vectors.shape[1]:
-                index = self._indexes[collection.id] = self._new_index(result.added_vectors.shape[1])
-            index.add(np.asarray(result.added_ids, np.int64), result.added_vectors)
-            index.version = result.version
-            if index.needs_rebuild():
-                ids, stored = self.store.all_vectors(collection.id)
-                index.build(ids, stored)
-            self._note_changes(collection.id, len(result.added_ids) + len(result.removed_ids))
-        return result
-
-    def _note_changes(self, collection_id: int, count: int) -> None:
-        if count:
-            self._changes[collection_id] = self._changes.get(collection_id, 0) + count
+        try:
+            return self.vectors.write_documents(collection, documents, sources)
+        except CollectionGone as exc:
+            raise not_found(f"collection {collection.name!r} was deleted", param="collection_name") from exc
 
     def delete_document(self, collection_name: str, document_id: str) -> None:
         collection = self.collection(collection_name)
-        with self._write_lock:
-            try:
-                removed = self.store.delete_document(collection, document_id)
-            except CollectionGone as exc:
-                raise not_found(f"collection {collection_name!r} was deleted", param="collection_name") from exc
-            if removed is None:
-                raise not_found(f"document {document_id!r} is not in collection {collection_name!r}",
-                                param="document_id")
-            row_ids, version = removed
-            index = self._indexes[collection.id]
-            index.remove(np.asarray(row_ids, np.int64))
-            index.version = version
-            self._note_changes(collection.id, len(row_ids))
+        try:
+            removed = self.vectors.delete_document(collection, document_id)
+        except CollectionGone as exc:
+            raise not_found(f"collection {collection_name!r} was deleted", param="collection_name") from exc
+        if not removed:
+            raise not_found(f"document {document_id!r} is not in collection {collection_name!r}",
+                            param="document_id")
 
     def documents(self, collection_name: str, limit: int, offset: int) -> list[dict]:
-        return self.store.documents(self.collection(collection_name).id, limit, offset)
+        return self.vectors.documents(self.collection(collection_name), limit, offset)
 
     # search
 
@@ -339,7 +219,6 @@ class KnowledgeBase:
         names = list(dict.fromkeys(collection_names))
         collections = await asyncio.to_thread(lambda: [self.collection(name) for name in names])
         depth = top_k if search_type != "hybrid" else max(2 * top_k, 50)
-        allowed = await asyncio.to_thread(self._allowed, collections, metadata_filter)
         warnings: list[str] = []
         rankings: list[list[tuple[int, float]]] = []
         if search_type in ("dense", "hybrid"):
@@ -351,14 +230,14 @@ class KnowledgeBase:
                 log.warning("hybrid search without its dense half: %s", exc.message)
                 warnings.append(f"{exc.message}; hybrid search used BM25 (sparse) only")
             else:
-                rankings.append(await asyncio.to_thread(self._dense, collections, query_vector, depth, allowed))
+                rankings.append(await asyncio.to_thread(self._dense, collections, query_vector, depth, metadata_filter))
         if search_type in ("sparse", "hybrid"):
-            rankings.append(await asyncio.to_thread(self._sparse, collections, query, depth, allowed))
+            rankings.append(await asyncio.to_thread(self._sparse, collections, query, depth, metadata_filter))
         if len(rankings) == 2:
             ranked = reciprocal_rank_fusion([[i for i, _ in ranking] for ranking in rankings])[:top_k]
         else:
             ranked = rankings[0][:top_k]
-        rows = await asyncio.to_thread(self.store.chunks, [i for i, _ in ranked])
+        rows = await asyncio.to_thread(self.vectors.chunks, collections, [i for i, _ in ranked])
         hits = [Hit(rows[i], score) for i, score in ranked if i in rows]
         if rerank:
             keep = reranker_top_k or top_k
@@ -370,39 +249,23 @@ class KnowledgeBase:
                 hits = hits[:keep]
         return SearchResult(hits, warnings)
 
-    def _allowed(self, collections: list[Collection],
-                 metadata_filter: dict | None) -> dict[int, np.ndarray | None]:
+    def _dense(self, collections: list[Collection], query: np.ndarray, k: int,
+               metadata_filter: dict | None) -> list[tuple[int, float]]:
+        for collection in collections:
+            if collection.dimension is not None and collection.dimension != query.shape[0]:
+                raise APIError(500, f"collection {collection.name!r} holds {collection.dimension}-d vectors but the "
+                                    f"embedding model gives {query.shape[0]}-d; re-ingest with the same model")
         try:
-            return {c.id: self.store.matching_chunk_ids(c.id, metadata_filter) if metadata_filter else None
-                    for c in collections}
+            return self.vectors.dense_search(collections, query, k, metadata_filter)
         except CollectionGone as exc:
             raise _gone(collections, exc) from exc
-
-    def _dense(self, collections: list[Collection], query: np.ndarray, k: int,
-               allowed: dict[int, np.ndarray | None]) -> list[tuple[int, float]]:
-        found: list[tuple[int, float]] = []
-        for collection in collections:
-            index = self._indexes.get(collection.id)
-            if index is None:
-                raise _gone(collections, CollectionGone(collection.id))
-            if index.size == 0:
-                continue
-            if index.dimension != query.shape[0]:
-                raise APIError(500, f"collection {collection.name!r} holds {index.dimension}-d vectors but the "
-                                    f"embedding model gives {query.shape[0]}-d; re-ingest with the same model")
-            scores, ids = index.search(query[None, :], k, allowed[collection.id])
-            found.extend((int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0)
-        return sorted(found, key=lambda pair: -pair[1])[:k]
 
     def _sparse(self, collections: list[Collection], query: str, k: int,
-                allowed: dict[int, np.ndarray | None]) -> list[tuple[int, float]]:
-        found: list[tuple[int, float]] = []
+                metadata_filter: dict | None) -> list[tuple[int, float]]:
         try:
-            for collection in collections:
-                found.extend(self.store.bm25_search(collection.id, query, k, allowed[collection.id]))
+            return self.vectors.sparse_search(collections, query, k, metadata_filter)
         except CollectionGone as exc:
             raise _gone(collections, exc) from exc
-        return sorted(found, key=lambda pair: -pair[1])[:k]
 
     async def _rerank(self, query: str, hits: list[Hit], keep: int) -> list[Hit]:
         if self.reranker is None or not hits:
@@ -411,26 +274,9 @@ class KnowledgeBase:
         return [Hit(hits[index].chunk, logit) for index, logit in ranked[:keep]]
 
     def integrity_problems(self) -> list[str]:
-        """Anything dangling: rows without parents, or index entries that SQLite does not know (and the reverse)."""
-        problems = self.store.integrity_problems()
-        for collection in self.store.collections():
-            ids = self.store.chunk_ids(collection.id)
-            indexed = np.sort(self._indexes[collection.id].ids()) if collection.id in self._indexes else np.zeros(0)
-            if not np.array_equal(np.sort(ids), indexed):
-                problems.append(f"collection {collection.name}: index holds {len(indexed)} ids, SQLite {len(ids)}")
-        return problems
-
+        return self.vectors.integrity_problems()
 
 def _gone(collections: list[Collection], exc: CollectionGone) -> APIError:
     name = next((c.name for c in collections if c.id == exc.args[0]), "?")
     return not_found(f"collection {name!r} was deleted", param="collection_names")
 
-
-def _choose_backend(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if faiss_gpu_available():
-        return "faiss-gpu"
-    if torch_cuda_available():
-        return "torch"
-    return "faiss-cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -15,6 +16,20 @@ class RetrieverSettings(ServiceSettings):
 
     port: int = Field(8080, description="TCP port")
     data_dir: Path = Field(Path("data/retriever"), description="where the SQLite database and vector indexes live")
+    vector_store: Literal["local", "milvus"] = Field(
+        "local", description="where chunks, vectors and BM25 live: 'local' (SQLite + FAISS in data_dir, one replica) "
+                             "or 'milvus' (RETRIEVER_MILVUS_URI; the retriever keeps no state)")
+    milvus_uri: str = Field("", description="Milvus server, e.g. http://milvus:19530 (empty: an embedded milvus-lite "
+                                            "file in data_dir, one process only)")
+    milvus_token: str = Field("", description="Milvus token ('user:password' or an API key); empty: no auth")
+    milvus_db: str = Field("", description="Milvus database (empty: the server's default)")
+    milvus_prefix: str = Field("rag_", description="prefix of the Milvus collections this retriever owns")
+    milvus_index_type: str = Field("HNSW", description="Milvus index of new collections' vectors (HNSW, IVF_FLAT, "
+                                                       "GPU_CAGRA with a GPU Milvus...)")
+    milvus_index_params: str = Field("", description="JSON build parameters of that index (empty: M=16, "
+                                                     "efConstruction=200 for HNSW, Milvus defaults otherwise)")
+    milvus_search_params: str = Field("", description="JSON search parameters (empty: ef=max(64, k) for HNSW, "
+                                                      "nprobe=16 for IVF)")
     embed_url: str = Field("http://127.0.0.1:8001", description="embedding service base URL")
     rerank_url: str = Field("http://127.0.0.1:8002", description="reranking service base URL")
     llm_url: str = Field("http://127.0.0.1:8000", description="LLM service base URL")

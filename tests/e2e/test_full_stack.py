@@ -1,7 +1,8 @@
 """The whole platform on loopback: llm, embed, rerank and retriever as real processes with the default models.
 
 `scripts/ingest.py` loads a small made-up product manual; the official `openai` client asks the retriever a
-question whose answer is in one document; the answer must hold the fact and cite that document.
+question whose answer is in one document; the answer must hold the fact and cite that document. The retriever
+runs once per vector store (local, milvus) against the same llm, embed and rerank processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.support.processes import ServiceProcess, running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("llm", "embed", "rerank", "retriever")
+COMMON_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUESTION = "What is the maximum water temperature of the Zephyr X9 dishwasher?"
 
 MANUAL = {
@@ -33,12 +35,28 @@ MANUAL = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
     missing = [s for s in SERVICES if not (ROOT / "services" / s / "__main__.py").exists()]
     if missing:
         pytest.skip(f"service packages without an entry point yet: {', '.join(missing)}")
-    with running_stack(tmp_path_factory.mktemp("stack")) as processes:
+    with running_stack(tmp_path_factory.mktemp("stack")) as processes:  # its retriever has the local store
         yield processes
+
+
+# The retriever runs once per vector store: SQLite + FAISS, then Milvus (milvus-lite, embedded, in its data dir)
+# against the same llm, embed and rerank processes.
+@pytest.fixture(scope="module", params=["local", "milvus"])
+def stack(platform: dict[str, ServiceProcess], request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    if request.param == "local":
+        yield platform
+        return
+    logs = tmp_path_factory.mktemp("retriever-milvus")
+    env = {**COMMON_ENV, "RETRIEVER_DATA_DIR": str(logs / "data"), "RETRIEVER_VECTOR_STORE": "milvus",
+           **{f"RETRIEVER_{n.upper()}_URL": platform[n].url for n in ("llm", "embed", "rerank")}}
+    with ServiceProcess("retriever", env=env, log_dir=logs) as retriever:
+        retriever.wait_ready(600)
+        yield {**platform, "retriever": retriever}
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,20 @@ def embed_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceP
     process.stop()
 
 
-def retriever_env(data_dir: Path, embed_url: str) -> dict[str, str]:
+# The suites that take this fixture run once per vector store: SQLite + FAISS, and Milvus (milvus-lite, the embedded
+# Milvus engine, in a file under the data dir).
+VECTOR_STORES = ["local", "milvus"]
+
+
+@pytest.fixture(scope="module", params=VECTOR_STORES)
+def vector_store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def retriever_env(data_dir: Path, embed_url: str, vector_store: str = "local") -> dict[str, str]:
     # Rerank and LLM point at ports nobody listens on: they are "down" unless a test says otherwise.
     return {"RETRIEVER_DATA_DIR": str(data_dir), "RETRIEVER_EMBED_URL": embed_url, "HF_HUB_OFFLINE": "1",
+            "RETRIEVER_VECTOR_STORE": vector_store,
             "RETRIEVER_RERANK_URL": f"http://127.0.0.1:{free_port()}",
             "RETRIEVER_LLM_URL": f"http://127.0.0.1:{free_port()}", "RETRIEVER_EMBED_TIMEOUT": "20",
             "TOKENIZERS_PARALLELISM": "false", **{k: v for k, v in os.environ.items() if k == "API_KEY"}}

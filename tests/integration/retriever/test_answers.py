@@ -29,10 +29,10 @@ def llm_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePro
 
 
 @pytest.fixture(scope="module")
-def client(embed_process: ServiceProcess, llm_process: ServiceProcess,
+def client(embed_process: ServiceProcess, llm_process: ServiceProcess, vector_store: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    data = tmp_path_factory.mktemp("retriever")
-    env = {**retriever_env(data, embed_process.url), "RETRIEVER_LLM_URL": llm_process.url}
+    data = tmp_path_factory.mktemp(f"retriever-{vector_store}")
+    env = {**retriever_env(data, embed_process.url, vector_store), "RETRIEVER_LLM_URL": llm_process.url}
     with ServiceProcess("retriever", env=env, log_dir=data) as retriever:
         retriever.wait_ready()
         with httpx.Client(base_url=retriever.url, timeout=120) as http:

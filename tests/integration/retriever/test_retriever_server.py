@@ -1,4 +1,4 @@
-"""The retriever as a real process on loopback, talking to a real embed process."""
+"""The retriever as a real process on loopback, talking to a real embed process; once per vector store."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ MANUAL = {
 
 
 @pytest.fixture(scope="module")
-def retriever(embed_process: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    data = tmp_path_factory.mktemp("retriever")
-    process = ServiceProcess("retriever", env=retriever_env(data, embed_process.url), log_dir=data)
+def retriever(embed_process: ServiceProcess, vector_store: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    data = tmp_path_factory.mktemp(f"retriever-{vector_store}")
+    process = ServiceProcess("retriever", env=retriever_env(data, embed_process.url, vector_store), log_dir=data)
     process.start().wait_ready()
     yield process
     process.stop()

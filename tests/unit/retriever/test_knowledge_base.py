@@ -22,7 +22,7 @@ FACTS = {
 
 
 async def _ingest(kb: KnowledgeBase, name: str = "manuals") -> list[str]:
-    if name not in [c.name for c in kb.store.collections()]:
+    if name not in [c.name for c in kb.vectors.collections()]:
         kb.create_collection(name)
     documents = [make_document(file, text, {"source": file, "kind": "appliance" if file != "garden.txt" else "plant"})
                  for file, text in FACTS.items()]
@@ -127,13 +127,13 @@ async def test_restart_loads_the_saved_index_and_rebuilds_one_that_is_behind(tmp
     ids = await _ingest(kb)
     kb.close()
     reopened = KnowledgeBase(tmp_path, chunker, embedder, index_backend="faiss-cpu")  # type: ignore[arg-type]
-    (collection,) = reopened.store.collections()
-    saved = reopened.index_of(collection)
+    (collection,) = reopened.vectors.store.collections()
+    saved = reopened.vectors.index_of(collection)
     assert saved.size == len(FACTS) and saved.version == collection.version
     reopened.delete_document("manuals", ids[0])  # SQLite moves on; the index file is not saved (crash)
-    reopened.store.close()
+    reopened.vectors.store.close()
     rebuilt = KnowledgeBase(tmp_path, chunker, embedder, index_backend="faiss-cpu")  # type: ignore[arg-type]
-    assert rebuilt.index_of(rebuilt.store.collections()[0]).size == len(FACTS) - 1
+    assert rebuilt.vectors.index_of(rebuilt.vectors.store.collections()[0]).size == len(FACTS) - 1
     assert rebuilt.integrity_problems() == []
     hits = await _hits(rebuilt, "descale the pump", ["manuals"], top_k=4, search_type="dense")
     assert "pump.txt" not in [h.chunk.document_name for h in hits]
@@ -157,8 +157,8 @@ def test_vectors_are_stored_as_float16(knowledge_base: KnowledgeBase) -> None:
     import asyncio
 
     asyncio.run(_ingest(knowledge_base))
-    (collection,) = knowledge_base.store.collections()
-    _, vectors = knowledge_base.store.all_vectors(collection.id)
+    (collection,) = knowledge_base.vectors.store.collections()
+    _, vectors = knowledge_base.vectors.store.all_vectors(collection.id)
     assert vectors.shape == (len(FACTS), 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
 
 
@@ -192,8 +192,8 @@ async def test_filters_are_index_lookups_and_typed_like_json(knowledge_base: Kno
     assert await matching(True) == [0, 1]  # JSON true is stored as 1, as SQLite's JSON functions do
     assert await matching({"$in": ["1", 2.5]}) == [2, 3]
     assert await matching(None) == []  # as in SQL, null matches nothing
-    (collection,) = knowledge_base.store.collections()
-    plan = " ".join(str(tuple(r)) for r in knowledge_base.store._db.execute(
+    (collection,) = knowledge_base.vectors.store.collections()
+    plan = " ".join(str(tuple(r)) for r in knowledge_base.vectors.store._db.execute(
         "EXPLAIN QUERY PLAN SELECT chunk_id FROM chunk_metadata WHERE collection_id = ? AND key = ? AND value IN (?)",
         (collection.id, "v", "1")))
     assert "metadata_by_value" in plan
@@ -242,7 +242,7 @@ def test_collection_names_must_match_whole(knowledge_base: KnowledgeBase, name: 
     with pytest.raises(APIError) as error:
         knowledge_base.create_collection(name)
     assert error.value.status == 400
-    assert knowledge_base.store.collections() == []
+    assert knowledge_base.vectors.collections() == []
 
 
 async def test_index_files_are_rewritten_only_after_many_changes_and_caught_up_at_start(
@@ -259,10 +259,10 @@ async def test_index_files_are_rewritten_only_after_many_changes_and_caught_up_a
     assert kb.save_indexes() == 0
     kb.delete_document("manuals", ids[0])
     assert kb.save_indexes() == 0 and path.read_bytes() == saved
-    kb.store.close()  # a crash: the file misses the delete, SQLite has it
+    kb.vectors.store.close()  # a crash: the file misses the delete, SQLite has it
     reopened = KnowledgeBase(tmp_path, chunker, embedder, index_backend="faiss-cpu")  # type: ignore[arg-type]
     try:
-        assert reopened.index_of(reopened.store.collections()[0]).size == 5
+        assert reopened.vectors.index_of(reopened.vectors.store.collections()[0]).size == 5
         assert reopened.integrity_problems() == []
         hits = await _hits(reopened, "descale the pump", ["manuals"], top_k=5, search_type="dense")
         assert "pump.txt" not in [h.chunk.document_name for h in hits]
