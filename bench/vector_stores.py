@@ -229,7 +229,7 @@ def report(args: argparse.Namespace, results: dict) -> None:
     workload = {"parts": args.parts, "scifact_queries": args.queries,
                 "scifact_corpus": args.corpus_docs or 5183, "latency_requests": args.latency_requests,
                 "warmup": args.warmup, "synthetic_vectors": args.vectors, "synthetic_queries": args.synthetic_queries}
-    path = save_result("vector-stores", workload=workload,
+    path = save_result("vector-stores-" + "-".join(args.parts), workload=workload,
                        ours={"milvus": {p: r["milvus"] for p, r in results.items() if p == "scifact"},
                              "synthetic_milvus": synthetic},
                        peer={"local": {p: r["local"] for p, r in results.items() if p == "scifact"},
