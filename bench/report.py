@@ -48,6 +48,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def require_clean_tree() -> None:
+    """Results are evidence only when they come from committed code: stop before running otherwise."""
+    commit = git_commit()
+    if commit.endswith("-dirty") or commit == "unknown":
+        raise SystemExit(f"refusing to save a result from {commit}: commit your changes first "
+                         "(or pass --allow-dirty for a result that will not be committed)")
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

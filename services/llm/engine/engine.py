@@ -272,15 +272,16 @@ class LLMEngine:
     def _request_output(self, request: Request) -> RequestOutput:
         completions = []
         for seq in request.seqs:
-            output_ids = seq.output_token_ids
-            new = output_ids[seq.num_returned_tokens:]
-            seq.num_returned_tokens = len(output_ids)
+            # Only the tokens since the last output are copied each step; the whole list once, at the end.
+            new = seq.token_ids[seq.num_prompt_tokens + seq.num_returned_tokens:]
+            seq.num_returned_tokens += len(new)
             logprobs = None
             if seq.params.logprobs is not None:
                 logprobs, seq.new_logprobs = seq.new_logprobs, []
-            completions.append(CompletionOutput(index=seq.index, token_ids=output_ids, new_token_ids=new,
-                                                logprobs=logprobs, finish_reason=seq.finish_reason,
-                                                stop_token_id=seq.stop_token_id))
+            completions.append(CompletionOutput(index=seq.index,
+                                                token_ids=seq.output_token_ids if seq.finish_reason else [],
+                                                new_token_ids=new, logprobs=logprobs,
+                                                finish_reason=seq.finish_reason, stop_token_id=seq.stop_token_id))
         return RequestOutput(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                              outputs=completions, finished=request.is_finished,
                              num_cached_tokens=request.num_cached_tokens, timings=request.timings)

@@ -18,7 +18,7 @@ class TokenLogprob:
 @dataclass(slots=True)
 class CompletionOutput:
     index: int
-    token_ids: list[int]  # everything generated so far
+    token_ids: list[int]  # everything generated, once finished (empty before: copying it every step is quadratic)
     new_token_ids: list[int]  # generated since this request's previous output
     logprobs: list[TokenLogprob] | None  # for new_token_ids; None when not requested
     finish_reason: FinishReason | None

@@ -15,6 +15,7 @@ from torch import nn
 from services.llm.config import ModelConfig
 from services.llm.engine.scheduler import ScheduledBatch
 from services.llm.engine.sequence import Sequence
+from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.sampler import Sampler, SamplerOutput, SamplingRow
 
@@ -34,6 +35,7 @@ class ModelRunner:
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
+        self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
         self.eos_token_ids = sorted(eos_token_ids)
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # empty + zero_ writes every page now: a lazily mapped pool faults pages in mid-step, tens of ms each.
@@ -112,9 +114,14 @@ class ModelRunner:
         reaches_end = seq_lens == torch.tensor([seq.num_tokens for seq in batch.seqs], dtype=torch.int32)
         last_rows = (cu_seqlens[1:] - 1)[reaches_end].long()
         sampling_seqs = [seq for seq, done in zip(batch.seqs, reaches_end.tolist(), strict=True) if done]
+        cpu_plan = None
+        if device.type == "cpu":
+            cpu_plan = plan_cpu_attention(batch.num_new_tokens, [s + n for s, n in zip(starts, batch.num_new_tokens,
+                                                                                      strict=True)],
+                                          block_tables, slot_mapping, self.block_size, self.kv_bytes_per_token)
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
                                  cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
-                                 decode_only=decode_only)
+                                 decode_only=decode_only, cpu_plan=cpu_plan)
         input_ids = torch.tensor(tokens, dtype=torch.long).to(device)
         return input_ids, positions.to(device), meta, last_rows.to(device), sampling_seqs
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.llm.kernels import attention, kv_store
+from services.llm.kernels import attention, attention_cpu, kv_store
 
 
 @dataclass(slots=True)
@@ -20,6 +20,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: each sequence's new tokens within the packed batch
     seq_lens: torch.Tensor  # [B] int32: total length in the cache, new tokens included
     decode_only: bool  # one new token per sequence: the cheaper decode kernel applies
+    cpu_plan: attention_cpu.CpuAttentionPlan | None = None  # CPU steps: the attention work planned once per step
 
 
 class PagedAttention(nn.Module):
@@ -35,6 +36,8 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q `[T, Hq, D]`, k and v `[T, Hkv, D]` → `[T, Hq, D]`."""
+        if meta.cpu_plan is not None:
+            return attention_cpu.cpu_paged_attention(q, k, v, self.k_cache, self.v_cache, meta.cpu_plan, self.scale)
         kv_store.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only:
             return attention.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,

@@ -94,7 +94,8 @@ def make_engine() -> Callable[..., object]:
     from services.llm.engine import EngineConfig, LLMEngine
 
     def build(model_dir: Path, **overrides: object) -> LLMEngine:
-        return LLMEngine(EngineConfig(model=str(model_dir), device="cpu", **overrides))
+        # fp32 unless a test asks otherwise: the exactness oracle is transformers in fp32.
+        return LLMEngine(EngineConfig(model=str(model_dir), device="cpu", **{"dtype": "float32", **overrides}))
 
     return build
 

@@ -156,7 +156,7 @@ def test_abort_during_a_step_is_applied_when_the_step_ends(engine: LLMEngine) ->
 
 def test_hardware_profile_is_detected_and_configured_values_win(engine: LLMEngine, tiny_models: dict[str, Path],
                                                                  make_engine) -> None:
-    assert engine.hardware.profile == "cpu-fp32-torch" and not engine.hardware.use_cuda_graphs
+    assert engine.hardware.profile == "cpu-fp32-torch" and not engine.hardware.use_cuda_graphs  # configured fp32
     assert engine.dtype == engine.hardware.dtype
     assert engine.block_size == engine.block_manager.block_size == 4  # configured, not the profile's 16
     default = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)

@@ -6,14 +6,24 @@ import pytest
 import torch
 
 from services.llm.kernels.cuda_graphs import DecodeGraphRunner, default_capture_sizes
-from services.llm.kernels.hardware import detect_hardware
+from services.llm.kernels.hardware import cpu_default_dtype, cpu_flags, detect_hardware
 
 
-def test_cpu_profile_uses_references_in_fp32() -> None:
+def test_cpu_profile_picks_bf16_only_on_cores_with_bf16_matrix_math() -> None:
+    assert cpu_default_dtype({"avx2", "avx512f", "amx_bf16", "amx_tile"}) == torch.bfloat16
+    assert cpu_default_dtype({"avx2", "avx512f", "avx512_bf16"}) == torch.bfloat16
+    assert cpu_default_dtype({"avx2", "avx512f", "fma"}) == torch.float32
+    assert cpu_default_dtype(set()) == torch.float32
+
+
+def test_cpu_profile_uses_the_torch_path_in_this_machines_dtype() -> None:
     profile = detect_hardware("cpu")
-    assert (profile.kernels, profile.dtype, profile.use_cuda_graphs) == ("torch", torch.float32, False)
+    expected = cpu_default_dtype(cpu_flags())
+    assert (profile.kernels, profile.dtype, profile.use_cuda_graphs) == ("torch", expected, False)
     info = profile.describe()
-    assert info["profile"] == "cpu-fp32-torch" and info["dtype"] == "float32" and info["memory_gib"] > 0
+    assert info["bf16"] == (expected == torch.bfloat16) and info["memory_gib"] > 0
+    assert info["profile"] == ("cpu-bf16-torch" if expected == torch.bfloat16 else "cpu-fp32-torch")
+    assert detect_hardware("cpu", dtype=torch.float32).profile == "cpu-fp32-torch"
 
 
 def test_cpu_profile_accepts_a_dtype_override() -> None:
