@@ -22,7 +22,7 @@ from services.llm.engine.runner import ModelRunner, kv_bytes_per_block
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
-from services.llm.kernels.hardware import detect_hardware
+from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.layers.sampler import SamplerOutput
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 
@@ -70,6 +70,8 @@ class LLMEngine:
         self.hardware = detect_hardware(self.device, None if config.dtype == "auto"
                                         else resolve_dtype(config.dtype, self.device))
         log.info("hardware profile: %s", self.hardware.describe())
+        if self.device.type == "cpu":
+            log.info("torch uses %d CPU threads", use_given_cores())
         self.dtype = self.hardware.dtype
         self.block_size = config.block_size or self.hardware.kv_block_size
         loaded = load_model(config.model, self.device, self.dtype)

@@ -105,6 +105,14 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def use_given_cores() -> int:
+    """Torch's CPU threads = the cores this process may run on (its affinity, e.g. a container's cpuset),
+    unless OMP_NUM_THREADS says otherwise; torch alone counts the host's cores. Returns the thread count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(_usable_cores())
+    return torch.get_num_threads()
+
+
 def detect_hardware(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> HardwareProfile:
     """The profile for `device` (default: the first GPU if there is one, else the CPU). `dtype` overrides the
     chosen dtype, e.g. fp32 on a GPU for debugging; bf16 is refused where the GPU lacks it."""

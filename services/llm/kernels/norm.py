@@ -10,7 +10,8 @@ from services.llm.kernels.dispatch import use_triton
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * weight.float()).to(x.dtype)
+    # Rounded to the model's dtype before the weight, as Hugging Face Llama does: bf16 results match it exactly.
+    return weight * x32.to(x.dtype)
 
 
 def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

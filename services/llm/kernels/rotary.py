@@ -45,14 +45,15 @@ def build_cos_sin_cache(head_dim: int, max_position: int, base: float, scaling: 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                            cos_sin_cache: torch.Tensor) -> None:
-    """In place on q `[T, Hq, D]` and k `[T, Hkv, D]`."""
-    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    """In place on q `[T, Hq, D]` and k `[T, Hkv, D]`. In the model's dtype, with cos/sin rounded to it, as
+    Hugging Face Llama computes it: bf16 results match it exactly (fp32 ones are unchanged)."""
+    cos, sin = cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     q.copy_(_rotate(q, cos, sin))
     k.copy_(_rotate(k, cos, sin))

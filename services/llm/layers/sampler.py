@@ -40,11 +40,12 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, rows)
-        if any(row.banned_token_ids for row in rows):
-            logits = logits.clone()
-            for i, row in enumerate(rows):
-                if row.banned_token_ids:
-                    logits[i, row.banned_token_ids] = float("-inf")
+        banned = [(i, token) for i, row in enumerate(rows) for token in row.banned_token_ids]
+        if banned:
+            row_index, token_index = zip(*banned, strict=True)
+            logits = logits.index_put((torch.tensor(row_index, device=logits.device),
+                                       torch.tensor(token_index, device=logits.device)),
+                                      torch.tensor(float("-inf"), device=logits.device))
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
