@@ -266,6 +266,9 @@ def measure_builtin(label: str, url: str, model: str, workload: Workload, contex
     return summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms, len(requests))
 
 
+WARM_UP_REQUESTS = 2  # untimed, the same for every server and concurrency
+
+
 def measure_server(server: RunningServer, args: argparse.Namespace, config: ServerConfig,
                    artifacts: Path) -> dict[str, dict[str, object]]:
     """Every concurrency level against one running server: figures keyed by `c<concurrency>`."""
@@ -275,7 +278,7 @@ def measure_server(server: RunningServer, args: argparse.Namespace, config: Serv
         if args.client == "aiperf":
             load = AiperfLoad(concurrency=concurrency, request_count=max(8, args.requests_per_concurrency *
                                                                           concurrency),
-                              warmup_request_count=max(2, concurrency), input_tokens=args.input_len,
+                              warmup_request_count=WARM_UP_REQUESTS, input_tokens=args.input_len,
                               input_tokens_stddev=int(args.input_len * args.range_ratio / 2),
                               output_tokens=args.output_len, seed=args.seed)
             figures[key] = run_aiperf(server, load, config.model_dir, artifacts / f"{server.name}-{key}",
