@@ -117,6 +117,7 @@ def run_scifact(args: argparse.Namespace) -> dict:
                              "RETRIEVER_EMBED_URL": embed_url,
                              "RETRIEVER_RERANK_URL": f"http://127.0.0.1:{free_port()}",
                              "RETRIEVER_LLM_URL": f"http://127.0.0.1:{free_port()}"}
+            (logs / f"log-{store}").mkdir()
             with ServiceProcess("retriever", env=retriever_env, log_dir=logs / f"log-{store}") as retriever:
                 retriever.wait_ready(300)
                 print(f"{store}: retriever on {retriever.url} (logs in {logs})")
