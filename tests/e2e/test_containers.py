@@ -135,7 +135,7 @@ def stack(images: dict[str, str]) -> Iterator[Stack]:
 
 
 def test_images_are_what_the_dependency_test_resolves_for(images: dict[str, str]) -> None:
-    """The CPU image's Python and glibc are the tags tests/unit/test_image_dependencies.py resolves with."""
+    """The CPU image's Python and glibc are the tags tests/e2e/test_image_dependencies.py resolves with."""
     probe = "import platform, sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}', platform.libc_ver()[1])"
     python, glibc = run("docker", "run", "--rm", "--entrypoint", "python", images["llm"], "-c", probe
                         ).stdout.split()
