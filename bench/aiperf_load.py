@@ -9,6 +9,7 @@ number of untimed warm-up requests. aiperf counts tokens itself, with the same t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -61,8 +62,10 @@ def run_aiperf(server: RunningServer, load: AiperfLoad, tokenizer_dir: Path, art
     artifact_dir.mkdir(parents=True)
     command = aiperf_command(server, load, tokenizer_dir, artifact_dir)
     print(f"aiperf: {server.name}, concurrency {load.concurrency}, {load.request_count} requests")
+    # aiperf's offline mode looks tokenizers up in the hub cache only; a local directory loads without the hub.
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
     with log_path.open("wb") as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     summaries = sorted(artifact_dir.rglob(SUMMARY_FILE))
     if finished.returncode != 0 or not summaries:
         raise RuntimeError(f"aiperf failed (exit {finished.returncode}) against {server.name}:\n"
