@@ -5,6 +5,7 @@ Both are pure ASGI so they never buffer a streaming response.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 
@@ -26,11 +27,13 @@ async def _send_error(send: Send, status: int, message: str, headers: list | Non
 class BearerAuth:
     """Every route but health, and the `public` paths a service names, needs `Authorization: Bearer <api_key>`.
 
-    A public entry ending in `/*` opens everything under that prefix (static files that hold no data).
+    A public entry ending in `/*` opens everything under that prefix (static files that hold no data). The
+    scheme may be in any case. The key is compared timing-safely: both sides are hashed to 32 bytes first, so
+    neither the key's bytes nor its length can be learned from how long a refusal takes.
     """
 
     def __init__(self, app: ASGIApp, api_key: str, public: tuple[str, ...] = ()) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, _digest(api_key.encode())
         self.open_paths = {*OPEN_PATHS, *(p for p in public if not p.endswith("/*"))}
         self.open_prefixes = tuple(p[:-1] for p in public if p.endswith("/*"))
 
@@ -38,7 +41,9 @@ class BearerAuth:
         if scope["type"] != "http" or self._is_open(scope["path"]):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, key = given.partition(b" ")
+        valid = hmac.compare_digest(_digest(key.strip()), self.expected)
+        if scheme.lower() != b"bearer" or not valid:
             message = "missing API key" if not given else "invalid API key"
             return await _send_error(send, 401, message, [(b"www-authenticate", b"Bearer")])
         await self.app(scope, receive, send)
@@ -91,3 +96,7 @@ class BodySizeLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()

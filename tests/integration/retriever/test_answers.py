@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.integration.retriever.conftest import retriever_env
+from tests.support.inprocess import serve_in_thread
+from tests.support.plain_openai_proxy import HOLD, plain_openai_proxy
 from tests.support.processes import ServiceProcess
 
 CONTEXT = 1024  # a small LLM context, so that fitting sources into it is exercised
@@ -28,11 +31,7 @@ def llm_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePro
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def client(embed_process: ServiceProcess, llm_process: ServiceProcess, vector_store: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    data = tmp_path_factory.mktemp(f"retriever-{vector_store}")
-    env = {**retriever_env(data, embed_process.url, vector_store), "RETRIEVER_LLM_URL": llm_process.url}
+def _retriever_with_kb(env: dict[str, str], data: Path) -> Iterator[httpx.Client]:
     with ServiceProcess("retriever", env=env, log_dir=data) as retriever:
         retriever.wait_ready()
         with httpx.Client(base_url=retriever.url, timeout=120) as http:
@@ -41,6 +40,30 @@ def client(embed_process: ServiceProcess, llm_process: ServiceProcess, vector_st
                           "name": "pump.txt"}] + [{"text": t, "name": f"shelf{i}.txt"} for i, t in enumerate(FILLER)]
             assert http.post("/v1/documents", json={"collection_name": "kb", "documents": documents}).status_code == 200
             yield http
+
+
+@pytest.fixture(scope="module")
+def client(embed_process: ServiceProcess, llm_process: ServiceProcess, vector_store: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    data = tmp_path_factory.mktemp(f"retriever-{vector_store}")
+    env = {**retriever_env(data, embed_process.url, vector_store), "RETRIEVER_LLM_URL": llm_process.url}
+    yield from _retriever_with_kb(env, data)
+
+
+@pytest.fixture(scope="module")
+def plain_llm(llm_process: ServiceProcess) -> Iterator[str]:
+    """Our LLM as a plain OpenAI endpoint: no /tokenize, no max_model_len; holds questions marked HOLD."""
+    with serve_in_thread(plain_openai_proxy(llm_process.url)) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def plain_llm_client(embed_process: ServiceProcess, plain_llm: str,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    data = tmp_path_factory.mktemp("retriever-plain")
+    env = {**retriever_env(data, embed_process.url), "RETRIEVER_LLM_URL": plain_llm,
+           "RETRIEVER_LLM_CONTEXT_LENGTH": str(CONTEXT)}
+    yield from _retriever_with_kb(env, data)
 
 
 def _ask(question: str, **extra: object) -> dict:
@@ -111,3 +134,48 @@ def test_a_question_too_long_for_the_context_is_a_400_with_numbers(client: httpx
     reply = client.post("/v1/chat/completions", json=_ask("why " * 900, max_tokens=200))
     assert reply.status_code == 400
     assert str(CONTEXT) in reply.json()["error"]["message"]
+
+
+def test_rerank_down_answers_unreranked_and_says_so(client: httpx.Client) -> None:
+    reply = client.post("/v1/chat/completions", json=_ask("How often must the Aquaflow 300 pump be descaled?",
+                                                          enable_reranker=True, search_type="sparse"))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["citations"]["results"][0]["document_name"] == "pump.txt"
+    (warning,) = body["warnings"]
+    assert "rerank unavailable" in warning and "not reranked" in warning
+    with client.stream("POST", "/v1/generate", json=_ask("How often must the Aquaflow 300 pump be descaled?",
+                                                         enable_reranker=True, stream=True)) as streamed:
+        first = json.loads(next(line for line in streamed.iter_lines() if line.startswith("data:"))[5:])
+    assert first["warnings"] == [warning]
+
+
+def test_an_llm_without_tokenize_still_answers_within_its_context(plain_llm_client: httpx.Client) -> None:
+    reply = plain_llm_client.post("/v1/chat/completions", json=_ask(
+        "How often must the Aquaflow 300 pump be descaled?"))
+    assert reply.status_code == 200, reply.text
+    assert "90" in reply.json()["choices"][0]["message"]["content"]
+    assert reply.json()["citations"]["results"][0]["document_name"] == "pump.txt"
+    full = plain_llm_client.post("/v1/chat/completions", json=_ask("Which shelf stores gaskets?", vdb_top_k=41,
+                                                                   reranker_top_k=41, max_tokens=300,
+                                                                   search_type="sparse", stop=["\n"]))
+    assert full.status_code == 200, full.text  # estimated counts kept prompt + answer inside the context
+    body = full.json()
+    assert 3 < body["citations"]["total_results"] < 41
+    assert body["usage"]["prompt_tokens"] + 300 <= CONTEXT
+
+
+def test_a_hung_llm_ends_at_the_rag_deadline_with_a_503(embed_process: ServiceProcess, plain_llm: str,
+                                                       tmp_path: Path) -> None:
+    env = {**retriever_env(tmp_path, embed_process.url), "RETRIEVER_LLM_URL": plain_llm,
+           "RETRIEVER_RAG_TIMEOUT": "3"}
+    with ServiceProcess("retriever", env=env, log_dir=tmp_path) as retriever:
+        retriever.wait_ready()
+        ask = {"messages": [{"role": "user", "content": f"{HOLD}: how often is the pump descaled?"}],
+               "use_knowledge_base": False, "max_tokens": 8}
+        reply = httpx.post(retriever.url + "/v1/chat/completions", json=ask, timeout=120)
+        assert reply.status_code == 503, reply.text
+        error = reply.json()["error"]
+        assert "deadline of 3s" in error["message"] and error["code"] == "deadline_exceeded"
+        streamed = httpx.post(retriever.url + "/v1/chat/completions", json={**ask, "stream": True}, timeout=120)
+        assert streamed.status_code == 503 and "deadline" in streamed.json()["error"]["message"]

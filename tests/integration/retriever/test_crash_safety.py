@@ -3,8 +3,10 @@ search works, and nothing is half-written (no dangling chunks, full-text rows or
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -82,3 +84,46 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(embed_process: Serv
         kb.close()
 
 
+
+
+def _wait_ready(url: str, want: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = httpx.get(url + "/v1/health/ready", timeout=5)
+        if reply.status_code == want or time.monotonic() > deadline:
+            assert reply.status_code == want, reply.text
+            return reply.json()
+        time.sleep(0.1)
+
+
+def test_a_failing_index_save_is_logged_turns_ready_to_503_and_is_retried(embed_process: ServiceProcess,
+                                                                           tmp_path: Path) -> None:
+    env = {**retriever_env(tmp_path / "data", embed_process.url), "RETRIEVER_INDEX_SNAPSHOT_CHANGES": "1",
+           "RETRIEVER_INDEX_SAVE_INTERVAL": "0.2"}
+    retriever = ServiceProcess("retriever", env=env, log_dir=tmp_path).start().wait_ready()
+    indexes = tmp_path / "data" / "indexes"
+    try:
+        assert httpx.post(retriever.url + "/v1/collections", json={"name": "saves"}).status_code == 200
+
+        def ingest(text: str) -> None:
+            reply = httpx.post(retriever.url + "/v1/documents", timeout=60, json={
+                "collection_name": "saves", "documents": [{"text": text}]})
+            assert reply.status_code == 200, reply.text
+
+        ingest("Saved while the disk is fine.")
+        shutil.rmtree(indexes)
+        indexes.write_text("a file where the index folder was: every save now fails, as on a full disk")
+        ingest("Acknowledged while saves fail.")  # SQLite is the commit point: still accepted
+        failing = _wait_ready(retriever.url, 503)
+        assert "saving vector indexes failed" in failing["message"]
+        assert "saving vector indexes failed" in retriever.logs()
+        hits = httpx.post(retriever.url + "/v1/search", json={"query": "acknowledged saves", "top_k": 1,
+                                                              "collection_names": ["saves"], "search_type": "dense"})
+        assert hits.json()["chunks"][0]["content"] == "Acknowledged while saves fail."
+        indexes.unlink()
+        indexes.mkdir()
+        assert _wait_ready(retriever.url, 200)["ready"] is True  # the retry succeeded on its own
+        assert (indexes / "1.rvix").exists()
+        assert "saving vector indexes works again" in retriever.logs()
+    finally:
+        retriever.stop()
