@@ -19,7 +19,7 @@ def test_a_held_store_lock_freezes_neither_health_nor_the_event_loop(tmp_path: P
     app = build_app(RetrieverSettings(data_dir=tmp_path, embed_url=dead, rerank_url=dead, llm_url=dead))
     with serve_in_thread(app) as url:
         assert httpx.post(url + "/v1/collections", json={"name": "docs"}, timeout=60).status_code == 200
-        store = app.state.knowledge_base.store
+        store = app.state.knowledge_base.vectors.store  # the local backend's SQLite store
         replies: dict[str, httpx.Response] = {}
 
         def call(path: str) -> None:
