@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import print_table, save_result
+from bench.report import print_table, require_clean_tree, save_result
 from common.model_files import bundled_llm
 from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
                         help="torch CPU threads for both sides (0: torch's default, one per core)")
     parser.add_argument("--skip-hf", action="store_true", help="measure only our engine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-dirty", action="store_true", help="run even from uncommitted code")
     return parser.parse_args()
 
 
@@ -173,6 +174,8 @@ def load_hf(model_path: str, dtype: torch.dtype) -> torch.nn.Module:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args()
+    if not args.allow_dirty:
+        require_clean_tree()  # the result it writes is evidence only for committed code
     if args.threads:
         torch.set_num_threads(args.threads)
     model_path = args.model or str(bundled_llm())
