@@ -17,8 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from common.errors import APIError, bad_request, error_body
 from common.health import Readiness
-from common.http import ServiceClient
 from common.model_files import bundled_embedding_model
+from common.replicas import ReplicaPool, split_urls
 from common.schemas.retriever import (
     CollectionCreate,
     DocumentsUpload,
@@ -50,12 +50,15 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
     readiness = Readiness()
     registry = CollectorRegistry()
     ingested = Counter("retriever_documents_ingested", "documents stored", registry=registry)
+    # Each dependency may have several replicas (comma-separated URLs); LLM answers over the same sources keep to
+    # one replica (RETRIEVER_LLM_BALANCE=affinity), everything else goes to the least busy.
     clients = {
-        "embed": ServiceClient("embed", settings.embed_url, api_key=settings.api_key, timeout=settings.embed_timeout),
-        "rerank": ServiceClient("rerank", settings.rerank_url, api_key=settings.api_key,
-                                timeout=settings.rerank_timeout),
-        "llm": ServiceClient("llm", settings.llm_url, api_key=settings.api_key, timeout=settings.llm_timeout,
-                             retries=1),
+        "embed": ReplicaPool("embed", split_urls(settings.embed_url), api_key=settings.api_key,
+                             timeout=settings.embed_timeout),
+        "rerank": ReplicaPool("rerank", split_urls(settings.rerank_url), api_key=settings.api_key,
+                              timeout=settings.rerank_timeout),
+        "llm": ReplicaPool("llm", split_urls(settings.llm_url), balance=settings.llm_balance,
+                           api_key=settings.api_key, timeout=settings.llm_timeout, retries=1),
     }
     embedder = EmbeddingClient(clients["embed"], settings.embed_model, settings.embed_batch_size)
     reranker = RerankClient(clients["rerank"], settings.rerank_model)

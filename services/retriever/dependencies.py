@@ -1,4 +1,4 @@
-"""The three services the retriever depends on, seen through `common.http.ServiceClient`.
+"""The three services the retriever depends on, each a `common.replicas.ReplicaPool` of one or more replicas.
 
 Model ids come from settings or, when empty, from each service's `/v1/models` (asked once, then kept).
 """
@@ -14,6 +14,7 @@ import numpy as np
 
 from common.errors import APIError
 from common.http import DependencyError, ServiceClient
+from common.replicas import ReplicaPool
 
 log = logging.getLogger(__name__)
 _NO_ROUTE = {404, 405, 501}  # what a server without /tokenize answers
@@ -22,7 +23,7 @@ _FOREIGN_TOKENIZER_MARGIN = 1.25  # another tokenizer's count, inflated: an esti
 
 
 class _ModelDiscovery:
-    def __init__(self, client: ServiceClient, configured: str) -> None:
+    def __init__(self, client: ServiceClient | ReplicaPool, configured: str) -> None:
         self.client, self._model, self._card = client, configured, None
         self._lock = asyncio.Lock()
 
@@ -45,7 +46,7 @@ class _ModelDiscovery:
 
 
 class EmbeddingClient:
-    def __init__(self, client: ServiceClient, model: str = "", batch_size: int = 64) -> None:
+    def __init__(self, client: ServiceClient | ReplicaPool, model: str = "", batch_size: int = 64) -> None:
         self.client, self.batch_size = client, batch_size
         self.models = _ModelDiscovery(client, model)
 
@@ -66,7 +67,7 @@ class EmbeddingClient:
 
 
 class RerankClient:
-    def __init__(self, client: ServiceClient, model: str = "") -> None:
+    def __init__(self, client: ServiceClient | ReplicaPool, model: str = "") -> None:
         self.client = client
         self.models = _ModelDiscovery(client, model)
 
@@ -96,7 +97,7 @@ class LLMClient:
 
     _PER_MESSAGE_OVERHEAD = 8  # role markers and separators of a chat template, when /tokenize cannot apply it
 
-    def __init__(self, client: ServiceClient, model: str = "", *,
+    def __init__(self, client: ReplicaPool, model: str = "", *,
                  fallback_counter: Callable[[str], int] | None = None, fallback_context: int = 0) -> None:
         self.client = client
         self.models = _ModelDiscovery(client, model)
@@ -160,13 +161,15 @@ class LLMClient:
         return await self.client.post_json("/tokenize", {"model": await self.models.model(), **body},
                                            idempotent=True)
 
-    async def chat(self, body: dict) -> dict:
-        return await self.client.post_json("/v1/chat/completions", {**body, "model": await self.models.model()})
+    async def chat(self, body: dict, affinity: str | None = None) -> dict:
+        """`affinity`: requests with the same key go to the same LLM replica (its prefix cache holds their head)."""
+        return await self.client.post_json("/v1/chat/completions", {**body, "model": await self.models.model()},
+                                           affinity=affinity)
 
-    async def stream_chat(self, body: dict) -> AsyncIterator[dict]:
+    async def stream_chat(self, body: dict, affinity: str | None = None) -> AsyncIterator[dict]:
         body = {**body, "model": await self.models.model(), "stream": True,
                 "stream_options": {"include_usage": True}}
-        async for event in self.client.stream_sse("/v1/chat/completions", body):
+        async for event in self.client.stream_sse("/v1/chat/completions", body, affinity=affinity):
             yield event
 
 

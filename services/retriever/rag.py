@@ -37,6 +37,7 @@ class PreparedAnswer:
     citations: Citations | None
     body: dict
     warnings: list[str] = field(default_factory=list)
+    affinity: str | None = None  # the sources at the head of the prompt: answers over them share an LLM replica
 
 
 def source_block(number: int, hit: Hit) -> str:
@@ -125,7 +126,8 @@ class RagPipeline:
         citations = Citations(total_results=len(used), results=[
             Citation(document_id=h.chunk.document_id, document_name=h.chunk.document_name, content=h.chunk.content,
                      score=h.score, metadata=h.chunk.metadata) for h in used]) if request.enable_citations else None
-        return PreparedAnswer(messages, citations, body, found.warnings)
+        affinity = "\n".join(f"{h.chunk.collection}/{h.chunk.chunk_id}" for h in used) if used else None
+        return PreparedAnswer(messages, citations, body, found.warnings, affinity)
 
     async def _fit(self, question: str, history: list[dict], hits: list[Hit],
                    max_tokens: int) -> tuple[list[dict], list[Hit]]:
@@ -161,7 +163,7 @@ class RagPipeline:
         return layout(turns, sources), used
 
     async def answer(self, prepared: PreparedAnswer) -> dict:
-        reply = await self.llm.chat({**prepared.body, "messages": prepared.messages})
+        reply = await self.llm.chat({**prepared.body, "messages": prepared.messages}, affinity=prepared.affinity)
         if prepared.citations is not None:
             reply["citations"] = prepared.citations.model_dump()
         if prepared.warnings:
@@ -170,7 +172,8 @@ class RagPipeline:
 
     async def stream(self, prepared: PreparedAnswer, include_usage: bool) -> AsyncIterator[dict]:
         """The LLM's chunks, preceded by one carrying the citations; usage only when the caller asked for it."""
-        events = self.llm.stream_chat({**prepared.body, "messages": prepared.messages})
+        events = self.llm.stream_chat({**prepared.body, "messages": prepared.messages},
+                                     affinity=prepared.affinity)
         first = await anext(events, None)  # a dead LLM fails here, before any byte is sent, as a clean 503
         opening = {"id": (first or {}).get("id", f"chatcmpl-{uuid.uuid4().hex}"), "object": "chat.completion.chunk",
                    "created": (first or {}).get("created", int(time.time())), "model": (first or {}).get("model", ""),

@@ -30,9 +30,14 @@ class RetrieverSettings(ServiceSettings):
                                                      "efConstruction=200 for HNSW, Milvus defaults otherwise)")
     milvus_search_params: str = Field("", description="JSON search parameters (empty: ef=max(64, k) for HNSW, "
                                                       "nprobe=16 for IVF)")
-    embed_url: str = Field("http://127.0.0.1:8001", description="embedding service base URL")
-    rerank_url: str = Field("http://127.0.0.1:8002", description="reranking service base URL")
-    llm_url: str = Field("http://127.0.0.1:8000", description="LLM service base URL")
+    embed_url: str = Field("http://127.0.0.1:8001", description="embedding service base URL (several: comma-separated, "
+                                                                "the least busy is used)")
+    rerank_url: str = Field("http://127.0.0.1:8002", description="reranking service base URL (several: "
+                                                                 "comma-separated)")
+    llm_url: str = Field("http://127.0.0.1:8000", description="LLM service base URL (several: comma-separated)")
+    llm_balance: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="with several LLM URLs: 'affinity' sends answers over the same sources to the same "
+                                "replica (prefix-cache hits), others to the least busy; 'round_robin' takes turns")
     embed_model: str = Field("", description="embedding model id (empty: ask the embed service's /v1/models)")
     rerank_model: str = Field("", description="reranker model id (empty: ask the rerank service's /v1/models)")
     llm_model: str = Field("", description="LLM model id (empty: ask the LLM service's /v1/models)")
