@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             with serve(config, log_dir) as server:
                 commands[name] = {"command": " ".join(server.command), "env": server.env}
                 figures[name] = measure_server(server, args, config, artifacts)
+            if args.save and name != servers[-1][0]:  # a run cut short later still keeps this server's side
+                save(args, figures, commands, config, complete=False)
 
     rows = [[server, level, *headline(f, args.client)] for server, levels in figures.items()
             for level, f in levels.items()]
@@ -432,17 +434,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for level, r in compared.items():
         print(f"ours / {args.peer} at {level}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
     if args.save:
-        workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
-                    "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
-                    "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,
-                    "servers": config.describe() if config else None}
-        extra = {"ratio_ours_over_peer": compared, "peer_name": args.peer, "commands": commands}
-        path = save_result("llm_serve", workload=workload, ours=figures.get("ours") or figures.get("target"),
-                           peer=figures.get(args.peer) if args.peer else None, extra=extra)
-        if args.client == "aiperf":
-            keep_aiperf_exports(figures, path.with_suffix(""))
-        print(f"wrote {path}")
+        save(args, figures, commands, config, complete=True)
     return figures
+
+
+def save(args: argparse.Namespace, figures: dict[str, dict[str, dict[str, object]]],
+         commands: dict[str, dict[str, object]], config: ServerConfig | None, complete: bool) -> None:
+    workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
+                "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
+                "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,
+                "servers": config.describe() if config else None}
+    extra = {"complete": complete, "ratio_ours_over_peer": ratios(figures, args.client), "peer_name": args.peer,
+             "commands": commands}
+    path = save_result("llm_serve", workload=workload, ours=figures.get("ours") or figures.get("target"),
+                       peer=figures.get(args.peer) if args.peer else None, extra=extra)
+    if args.client == "aiperf":
+        keep_aiperf_exports(figures, path.with_suffix(""))
+    print(f"wrote {path}" + ("" if complete else " (partial: the peer's side is still to come)"))
 
 
 def keep_aiperf_exports(figures: dict[str, dict[str, dict[str, object]]], folder: Path) -> None:
@@ -450,9 +458,10 @@ def keep_aiperf_exports(figures: dict[str, dict[str, dict[str, object]]], folder
     folder.mkdir(parents=True, exist_ok=True)
     for server, levels in figures.items():
         for level, f in levels.items():
-            export = Path(str(f["export"]))
+            export = ROOT / str(f["export"])  # absolute when fresh from aiperf, repo-relative once kept
             target = folder / f"{server}-{level}.json"
-            shutil.copyfile(export, target)
+            if export != target:
+                shutil.copyfile(export, target)
             f["export"] = str(target.relative_to(ROOT))
 
 
