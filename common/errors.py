@@ -82,7 +82,10 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        message = "this server does not support this field"
+    else:
+        message = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 

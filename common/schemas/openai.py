@@ -1,17 +1,18 @@
 """OpenAI completions and chat-completions shapes: requests, responses and streaming chunks.
 
 The LLM service serves them; the retriever reuses the chat ones for its own OpenAI-compatible
-`/v1/chat/completions` and as a client of the LLM. Unknown request fields (OpenAI `extra_body` extras) are
-accepted and ignored so stock clients work unchanged; values out of range are 400s.
+`/v1/chat/completions` and as a client of the LLM. A request field outside the schema is a 400 naming it, as
+on OpenAI's own API: accepting `response_format` or `tools` without honouring them would silently answer
+something else than was asked. Values out of range are 400s too.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "abort"]
@@ -25,14 +26,43 @@ def now() -> int:
     return int(time.time())
 
 
+# OpenAI request fields this server does not implement, with the values that ask for nothing: sent with one of
+# these (or null) they are dropped; with anything else they are refused.
+NO_OP_VALUES: dict[str, tuple[object, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # "auto" with no tools
+    "parallel_tool_calls": (True, False),  # meaningless without tools
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+    "tool_calls": ([],),  # on a message
+}
+
+
+class StrictRequest(BaseModel):
+    """A request body whose unknown fields are a 400 naming them (pydantic's `extra_forbidden`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_fields_that_ask_for_nothing(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if key in cls.model_fields or not (value is None or value in NO_OP_VALUES.get(key, ()))}
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = Field(False, description="send a last chunk with the request's usage")
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictRequest):
     """Sampling parameters common to both endpoints (OpenAI's, plus vLLM's extras)."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="the served model id; omitted means the one model served")
     max_tokens: StrictInt | None = Field(None, ge=1, description="tokens to generate; omitted: the rest of "
@@ -118,9 +148,7 @@ class TextContentPart(BaseModel):
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ChatMessage(StrictRequest):
     role: Role
     content: StrictStr | list[TextContentPart] | None = None
     name: str | None = None

@@ -52,6 +52,40 @@ def test_bad_request_is_a_clear_openai_error(llm_server: ServiceProcess, endpoin
     assert mentions in error["message"] or mentions == error["param"], error
 
 
+UNSUPPORTED = [
+    ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+    ("chat", {"messages": [{"role": "user", "content": "Hi", "audio": {"id": "a1"}}]}, "messages.0.audio"),
+    ("completions", {"prompt": "Hi", "suffix": "The end."}, "suffix"),
+    ("completions", {"prompt": "Hi", "logit_bias": {"7": 5}}, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "field"), UNSUPPORTED)
+def test_a_field_we_do_not_honour_is_a_400_naming_it(llm_server: ServiceProcess, endpoint: str, body: dict,
+                                                     field: str) -> None:
+    response = httpx.post(llm_server.url + PATHS[endpoint], json={**body, "max_tokens": 2}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["message"] == f"{field}: this server does not support this field"
+
+
+def test_openai_client_sees_the_refused_field(llm_server: ServiceProcess) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=llm_server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=2,
+                                       response_format={"type": "json_object"})
+    assert refused.value.param == "response_format"
+    # The value that asks for nothing is still fine.
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=2,
+                                           response_format={"type": "text"})
+    assert reply.usage.completion_tokens >= 1
+
+
 def test_malformed_json_is_400(llm_server: ServiceProcess) -> None:
     response = httpx.post(llm_server.url + "/v1/chat/completions", content=b'{"messages": [',
                           headers={"content-type": "application/json"})
@@ -82,8 +116,10 @@ def test_schema_fuzzing_finds_no_server_errors(llm_server: ServiceProcess) -> No
                   suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy())
         def check(case: Any) -> None:
-            if isinstance(case.body, dict):
-                case.body["max_tokens"] = 4  # keep generated requests short; every other field stays fuzzed
+            if isinstance(case.body, dict):  # keep generated requests short; every other field stays fuzzed
+                case.body["max_tokens"] = 4
+                if "max_completion_tokens" in case.body:  # chat's other name for it, which wins
+                    case.body["max_completion_tokens"] = 4
             response = case.call(base_url=llm_server.url, timeout=60)
             if response.status_code >= 500:
                 failures.append((case.method, case.path, case.body, response.status_code, response.text[:300]))
