@@ -1,7 +1,9 @@
-"""A server with tiny limits and an API key: queue full is 429, slow requests time out, no key is 401."""
+"""A server with tiny limits and an API key: queue full is 429, slow requests time out, no key is 401, and a KV pool
+smaller than the model's context clamps the context."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +19,7 @@ LONG = {"prompt": "Tell me a long story.", "max_tokens": 900, "ignore_eos": True
 @pytest.fixture(scope="module")
 def limited_server() -> Iterator[ServiceProcess]:
     env = {"HF_HUB_OFFLINE": "1", "API_KEY": KEY, "LLM_MAX_NUM_SEQS": "1", "LLM_MAX_WAITING": "1",
-           "LLM_REQUEST_TIMEOUT": "8", "LLM_MAX_MODEL_LEN": "1024", "LLM_KV_CACHE_GIB": "0.1"}
+           "LLM_REQUEST_TIMEOUT": "8", "LLM_KV_CACHE_GIB": "0.05"}  # a pool smaller than SmolLM2's 8192 positions
     with ServiceProcess("llm", env=env) as server:
         yield server.wait_ready()
 
@@ -50,3 +52,20 @@ def test_request_over_the_timeout_is_aborted_with_503(limited_server: ServicePro
     after = httpx.post(limited_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
                        headers=AUTH, timeout=60)
     assert after.status_code == 200
+
+
+def test_a_small_pool_clamps_the_context_and_the_default_max_tokens_fits(limited_server: ServiceProcess) -> None:
+    url = limited_server.url
+    context = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]["max_model_len"]
+    assert len(LONG["prompt"]) + LONG["max_tokens"] < context < 8192
+    # No max_tokens: the rest of the clamped context, which the pool can hold, so tokens flow.
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http, \
+            http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        events = (json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {"))
+        assert next(events)["choices"][0]["delta"]["role"] == "assistant"
+        answer = next(events)
+        assert "error" not in answer and answer["choices"][0]["delta"]["content"], answer
+    over = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": context}, headers=AUTH, timeout=30)
+    assert over.status_code == 400 and str(context) in over.json()["error"]["message"]
