@@ -6,7 +6,8 @@ outputs back on an `asyncio.Queue` fed with `loop.call_soon_threadsafe`. The eng
 condition while there is nothing to do.
 
 Text is produced per answer (choice) by an `IncrementalDetokenizer` (never emits half of a multi-byte
-character) followed by a `StopStringMatcher` (stop_strings.py).
+character) followed by a `StopStringMatcher` (stop_strings.py). A choice whose text reaches a stop string is
+ended in the engine right away (`finish_by_stop_string`), while the request's other choices go on.
 """
 
 from __future__ import annotations
@@ -200,6 +201,17 @@ class _AbortRequest:
     request_id: str
 
 
+@dataclass(slots=True)
+class _StopChoice:
+    """A choice's text reached a stop string: the engine ends that choice now, its siblings go on."""
+
+    request_id: str
+    index: int
+
+
+_Command = _AddRequest | _AbortRequest | _StopChoice
+
+
 class ServingLoop:
     """Runs the engine in its own thread and serves each request as an async stream of updates."""
 
@@ -214,7 +226,7 @@ class ServingLoop:
         self.dead_reason: str | None = None
         self.draining = False
         self._streams: dict[str, _RequestStream] = {}
-        self._commands: list[_AddRequest | _AbortRequest] = []
+        self._commands: list[_Command] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -276,8 +288,11 @@ class ServingLoop:
                     for output in item.outputs:
                         delta = answers[output.index].push(list(output.new_token_ids), output.logprobs,
                                                            output.finish_reason)
-                        if delta is not None:
-                            deltas.append(delta)
+                        if delta is None:
+                            continue
+                        deltas.append(delta)
+                        if delta.finish_reason is not None and output.finish_reason is None:
+                            self._send(_StopChoice(request_id, output.index))  # a stop string ended it here
                     new_tokens = sum(len(d.token_ids) for d in deltas)
                     if new_tokens:
                         if last_token_at is None:
@@ -287,8 +302,6 @@ class ServingLoop:
                             self.metrics.itl.observe((received - last_token_at) / new_tokens)
                         last_token_at = received
                     done = all(a.finish_reason is not None for a in answers)
-                    if done and not item.finished:
-                        self._send(_AbortRequest(request_id))  # stop strings ended every answer early
                     if done:
                         finish_reason = "stop" if any(a.finish_reason == "stop" for a in answers) else "length"
                     yield GenerationUpdate(deltas, len(item.prompt_token_ids), int(item.num_cached_tokens or 0),
@@ -313,7 +326,7 @@ class ServingLoop:
         if arrival is not None and scheduled is not None and scheduled >= arrival:
             self.metrics.queue_time.observe(scheduled - arrival)
 
-    def _send(self, command: _AddRequest | _AbortRequest) -> None:
+    def _send(self, command: _Command) -> None:
         with self._wake:
             self._commands.append(command)
             self._wake.notify()
@@ -336,7 +349,7 @@ class ServingLoop:
             self._die(exc)
         log.info("engine thread stopped")
 
-    def _next_commands(self) -> list[_AddRequest | _AbortRequest] | None:
+    def _next_commands(self) -> list[_Command] | None:
         """The pending commands; blocks while the engine is idle; None once stopping with nothing left."""
         with self._wake:
             while not self._commands and not self._stopping and not self.engine.has_unfinished():
@@ -346,10 +359,13 @@ class ServingLoop:
             commands, self._commands = self._commands, []
             return commands
 
-    def _apply(self, command: _AddRequest | _AbortRequest) -> None:
+    def _apply(self, command: _Command) -> None:
         if isinstance(command, _AbortRequest):
             with contextlib.suppress(KeyError):  # already finished, or never added
                 self.engine.abort(command.request_id)
+            return
+        if isinstance(command, _StopChoice):
+            self.engine.finish_by_stop_string(command.request_id, command.index)
             return
         stream = self._streams.get(command.request_id)
         if stream is None:  # the client went away before the engine saw the request

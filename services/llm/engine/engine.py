@@ -93,7 +93,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
         self._pending_aborts: deque[str] = deque()
-        self._abort_outputs: list[RequestOutput] = []
+        self._abort_outputs: list[RequestOutput] = []  # final outputs of requests ended between steps (abort, stop)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1fs)",
@@ -141,6 +141,25 @@ class LLMEngine:
                 self._lock.release()
         else:
             self._pending_aborts.append(request_id)
+
+    def finish_by_stop_string(self, request_id: str, index: int) -> None:
+        """Ends choice `index` of a request whose text reached a stop string (matched where the text is
+        detokenized): it is not scheduled again and its blocks are freed now, while its siblings go on. When it
+        was the last one running, the request's final output comes from the next `step()`. Unknown ids and
+        finished choices are ignored."""
+        with self._lock:
+            request = self.requests.get(request_id)
+            if request is None or not 0 <= index < len(request.seqs) or request.seqs[index].is_finished:
+                return
+            seq = request.seqs[index]
+            if seq in request.held_back:  # an n > 1 sibling that has not started yet
+                request.held_back.remove(seq)
+            self.scheduler.remove(seq)
+            seq.finish_reason = "stop"
+            if request.is_finished:
+                del self.requests[request_id]
+                request.timings.finished = time.time()
+                self._abort_outputs.append(self._request_output(request))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._abort_outputs) or bool(self._pending_aborts)

@@ -178,3 +178,33 @@ def test_context_is_clamped_to_what_the_kv_pool_holds(tiny_models: dict[str, Pat
     with pytest.raises(ValueError, match=r"10 tokens.*23.*33.*context length of 32"):
         small.add_request("over", [5] * 10, SamplingParams(max_tokens=23))
     assert_no_leaks(small)
+
+
+def test_a_choice_finished_by_stop_string_frees_its_blocks_and_the_others_go_on(engine: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=5, ignore_eos=True)
+    engine.add_request("n2", [5, 6, 7, 8, 9, 10], params)
+    seqs = engine.requests["n2"].seqs
+    while min(seq.num_output_tokens for seq in seqs) < 3:
+        engine.step()
+    stopped, going = seqs[1], seqs[0]
+    own_blocks = sum(1 for block in stopped.block_table if engine.block_manager.ref_counts[block] == 1)
+    free_before, tokens_at_stop = engine.block_manager.num_free_blocks, stopped.num_output_tokens
+    engine.finish_by_stop_string("n2", 1)
+    assert engine.block_manager.num_free_blocks == free_before + own_blocks and stopped.block_table == []
+    assert stopped not in engine.scheduler.running and going in engine.scheduler.running
+    final = drain(engine)["n2"]
+    assert [c.finish_reason for c in final.outputs] == ["length", "stop"]
+    assert len(final.outputs[0].token_ids) == 12 and len(final.outputs[1].token_ids) == tokens_at_stop
+    engine.finish_by_stop_string("n2", 0)  # finished or unknown: ignored
+    engine.finish_by_stop_string("unknown", 0)
+
+
+def test_stopping_the_last_running_choice_ends_the_request(engine: LLMEngine) -> None:
+    engine.add_request("one", [5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.finish_by_stop_string("one", 0)
+    assert "one" not in engine.requests
+    [final] = engine.step()
+    assert final.finished and final.outputs[0].finish_reason == "stop" and len(final.outputs[0].token_ids) == 2
+    assert not engine.has_unfinished()

@@ -129,3 +129,37 @@ def test_engine_failure_fails_requests_and_readiness(engine: Any, serving: Servi
     with pytest.raises(APIError) as refused:
         serving.check_accepting()
     assert refused.value.status == 503
+
+
+def test_a_choice_that_reaches_a_stop_string_ends_in_the_engine_while_its_sibling_goes_on(
+        engine: Any, serving: ServingLoop) -> None:
+    from services.llm.engine import SamplingParams
+
+    max_tokens = 40
+    sampled = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=11, n=2, ignore_eos=True)
+
+    async def run(stop: list[str]) -> tuple[dict[int, str], dict[int, str | None], int]:
+        before = engine.stats().generation_tokens_total
+        texts: dict[int, str] = {0: "", 1: ""}
+        finish: dict[int, str | None] = {}
+        async for update in serving.generate(prompt(engine), sampled, stop):
+            for delta in update.choices:
+                texts[delta.index] += delta.text
+                finish[delta.index] = delta.finish_reason
+        for _ in range(500):  # the engine's last output for the request follows the stream's end
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return texts, finish, engine.stats().generation_tokens_total - before
+
+    free, _, generated = asyncio.run(run([]))
+    assert generated == 2 * max_tokens
+    # A stop string early in choice 0's (seeded, so repeatable) text that choice 1 never produces.
+    stop = next(free[0][start:start + 4] for start in range(len(free[0]) - 4)
+                if free[0][start:start + 4].strip() and free[0][start:start + 4] not in free[1])
+    cut = free[0].find(stop)
+    assert cut < 30, (stop, free)
+    texts, finish, generated = asyncio.run(run([stop]))
+    assert texts == {0: free[0][:cut], 1: free[1]} and finish == {0: "stop", 1: "length"}
+    # Choice 0 stopped generating a few tokens after its stop string, not when its sibling finished.
+    assert generated < 2 * max_tokens
