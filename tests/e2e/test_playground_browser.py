@@ -65,6 +65,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.command_executor.client_config.timeout = 600  # not 120 s: a loaded 2-core CI box starves the browser
     try:
         yield driver
     finally:

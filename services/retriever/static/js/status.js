@@ -88,6 +88,8 @@ function render() {
   }
   if (state.requestError) problems.push(`Last request failed: ${state.requestError}`);
   const banner = byId("banner");
+  if (banner.dataset.shown === problems.join("\n")) return; // unchanged: do not make screen readers repeat it
+  banner.dataset.shown = problems.join("\n");
   banner.hidden = problems.length === 0;
   clear(banner).append(...problems.map((text) => el("p", {}, text)));
 }
