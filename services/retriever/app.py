@@ -187,8 +187,8 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
 
     @app.get("/v1/documents")
     async def list_documents(collection_name: str, limit: int = 1000, offset: int = 0) -> dict:
-        if not 1 <= limit <= 100_000 or offset < 0:
-            raise bad_request("limit must be 1..100000 and offset >= 0", param="limit")
+        if not 1 <= limit <= 100_000 or not 0 <= offset < 2**62:
+            raise bad_request("limit must be 1..100000 and offset 0..2^62", param="limit")
         documents = await asyncio.to_thread(kb().documents, collection_name, limit, offset)
         return {"collection_name": collection_name, "documents": documents}
 

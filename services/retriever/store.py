@@ -168,6 +168,8 @@ def filter_value(value: object) -> object:
     """A filter value as chunk_metadata stores it (see _INDEX_METADATA)."""
     if isinstance(value, bool):
         return int(value)
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return float(value)  # past SQLite's 64-bit integers, JSON numbers are stored as REAL
     if isinstance(value, (int, float, str)) or value is None:
         return value
     return json.dumps(value, separators=(",", ":"))

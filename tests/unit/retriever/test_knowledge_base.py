@@ -192,6 +192,7 @@ async def test_filters_are_index_lookups_and_typed_like_json(knowledge_base: Kno
     assert await matching(True) == [0, 1]  # JSON true is stored as 1, as SQLite's JSON functions do
     assert await matching({"$in": ["1", 2.5]}) == [2, 3]
     assert await matching(None) == []  # as in SQL, null matches nothing
+    assert await matching(10**30) == [] and await matching(-(10**30)) == []  # past int64: no overflow, no match
     (collection,) = knowledge_base.vectors.store.collections()
     plan = " ".join(str(tuple(r)) for r in knowledge_base.vectors.store._db.execute(
         "EXPLAIN QUERY PLAN SELECT chunk_id FROM chunk_metadata WHERE collection_id = ? AND key = ? AND value IN (?)",
