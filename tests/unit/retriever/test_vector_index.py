@@ -156,3 +156,12 @@ def test_searches_racing_with_adds_and_removes_see_consistent_ids_and_scores(mak
         thread.join(120)
     assert not wrong, wrong[:5]
     assert sorted(index.ids().tolist()) == sorted(set(range(n // 2)) | touched)
+
+
+def test_the_threshold_setting_describes_the_index_it_builds() -> None:
+    from services.retriever.settings import RetrieverSettings
+
+    help_text = RetrieverSettings.model_fields["ann_threshold"].description or ""
+    index = VectorIndex(8, ann_threshold=100, use_gpu=False)
+    index.build(np.arange(400), _clustered(400, 8, clusters=8, seed=12))
+    assert index.kind == "ivf" and "IVF" in help_text and "HNSW" not in help_text
