@@ -9,13 +9,16 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+# BENCH_RESULTS_DIR sends the files elsewhere (bench/gpu_check.sh collects a GPU run's results in its OUTDIR).
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 LIBRARIES = ("torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu", "triton", "numpy",
              "fastapi", "uvicorn")
 
@@ -40,9 +43,9 @@ def device_name() -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=RESULTS.parent)
+                             cwd=REPO)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=RESULTS.parent).stdout.strip()
+                               text=True, cwd=REPO).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -94,8 +97,6 @@ def save_result(name: str, *, workload: dict, ours: object, peer: object, limit:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

@@ -64,12 +64,31 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     config = ModelConfig.from_hf(hf_config)
     log.info("building %s (%d layers, %d/%d heads) on %s in %s", config.model_type, config.num_layers,
              config.num_heads, config.num_kv_heads, device, dtype)
-    with _default_dtype(dtype), device:
-        net = build_model(config)
+    net = build_on_device(config, device, dtype)
     net.load_weights(weights)
     net.eval()
+    check_placement(net, device, dtype)
     return LoadedModel(name=_model_name(model), config=config, model=net, tokenizer=tokenizer,
                        eos_token_ids=_eos_token_ids(hf_config, tokenizer, path))
+
+
+def build_on_device(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter created directly on `device` in `dtype` (weights not loaded yet)."""
+    with _default_dtype(dtype), device:
+        return build_model(config)
+
+
+def check_placement(net: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """The dtype policy, enforced at load: every parameter on `device` in `dtype`; buffers (the rotary table)
+    on `device` in fp32. A tensor left elsewhere would reach a Triton kernel as a foreign pointer."""
+    def misplaced(tensor: torch.Tensor, want: torch.dtype) -> bool:
+        same_device = tensor.device.type == device.type and device.index in (None, tensor.device.index)
+        return not same_device or tensor.dtype != want
+
+    wrong = [f"{name} ({t.device}, {t.dtype})" for name, t in net.named_parameters() if misplaced(t, dtype)]
+    wrong += [f"{name} ({t.device}, {t.dtype})" for name, t in net.named_buffers() if misplaced(t, torch.float32)]
+    if wrong:
+        raise RuntimeError(f"model tensors not placed on {device} per the dtype policy: {', '.join(wrong[:5])}")
 
 
 def _model_name(model: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from services.llm.engine.block_manager import BlockManager
+from services.llm.engine.gpu_memory import plan_kv_budget
 from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
 from services.llm.engine.runner import ModelRunner, kv_bytes_per_block
 from services.llm.engine.sampling_params import SamplingParams
@@ -39,7 +40,7 @@ class EngineConfig:
     dtype: str = "auto"
     block_size: int | None = None  # None: the hardware profile's
     kv_cache_gib: float = 1.0  # CPU: the KV pool's size
-    gpu_memory_utilization: float = 0.85  # GPU: share of device memory for weights, activations and KV pool
+    gpu_memory_utilization: float = 0.85  # GPU: share of the card for weights, activations and KV pool
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int = 512  # most tokens of one prefill per step while others run; 0: no cap
@@ -47,6 +48,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs where the hardware profile allows
+    num_kv_blocks: int | None = None  # a fixed KV pool size in blocks, on any device (tests, benchmarks)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -338,7 +340,12 @@ class LLMEngine:
 
     def _num_kv_blocks(self, loaded: LoadedModel) -> int:
         per_block = kv_bytes_per_block(loaded.config, self.block_size, self.dtype)
-        budget = self._gpu_kv_budget(loaded) if self.device.type == "cuda" else int(self.config.kv_cache_gib * 2 ** 30)
+        if self.config.num_kv_blocks is not None:
+            budget = self.config.num_kv_blocks * per_block
+        elif self.device.type == "cuda":
+            budget = self._gpu_kv_budget(loaded)
+        else:
+            budget = int(self.config.kv_cache_gib * 2 ** 30)
         num_blocks = budget // per_block
         if num_blocks < 2:
             raise ValueError(f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks} blocks of "
@@ -346,16 +353,18 @@ class LLMEngine:
         return num_blocks
 
     def _gpu_kv_budget(self, loaded: LoadedModel) -> int:
-        """Device memory left for the KV pool after the weights and the activations of a full-size step."""
+        """Device memory for the KV pool: what the memory share leaves after the weights and the largest step,
+        within what is free on the card (see `gpu_memory`)."""
         from services.llm.engine.runner import warm_up_peak_bytes
 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        peak = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
-                                  min(self.max_model_len, self.config.max_num_batched_tokens))
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(total * self.config.gpu_memory_utilization) - peak
-        if budget <= 0:
-            raise ValueError(f"gpu_memory_utilization {self.config.gpu_memory_utilization} leaves no room for the "
-                             f"KV cache (weights + activations peak at {peak / 2**30:.1f} GiB)")
-        return budget
+        peak, held = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
+                                        min(self.max_model_len, self.config.max_num_batched_tokens),
+                                        self.config.max_num_seqs)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = plan_kv_budget(total, free, self.config.gpu_memory_utilization, peak, held)
+        log.info("KV cache budget %.2f GiB (limited by the %s; GPU %.1f GiB, %.1f GiB free, share %.2f)",
+                 budget.bytes / 2**30, budget.limited_by, total / 2**30, free / 2**30,
+                 self.config.gpu_memory_utilization)
+        return budget.bytes

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from services.llm.config import ModelConfig
+from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch
 from services.llm.engine.sequence import Sequence
 from services.llm.kernels.attention_cpu import plan_cpu_attention
+from services.llm.kernels.dispatch import use_triton_on
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.sampler import Sampler, SamplerOutput, SamplingRow
 
@@ -30,6 +32,27 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
 
+def allocate_kv_cache(model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The KV pool, one (keys, values) pair per layer, bound to the model's attention layers."""
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    # empty + zero_ writes every page now: a lazily mapped pool faults pages in mid-step, tens of ms each.
+    kv_cache = [(torch.empty(shape, dtype=dtype, device=device).zero_(),
+                 torch.empty(shape, dtype=dtype, device=device).zero_()) for _ in range(config.num_layers)]
+    for layer, (k_cache, v_cache) in zip(model.attention_layers(), kv_cache, strict=True):
+        layer.bind_cache(k_cache, v_cache)
+    return kv_cache
+
+
+def decode_graph_buffers(max_batch: int, max_blocks: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The static inputs the decode graphs are captured on (`cuda_graphs.DecodeGraphRunner`)."""
+    return {"input_ids": torch.zeros(max_batch, dtype=torch.long, device=device),
+            "positions": torch.zeros(max_batch, dtype=torch.long, device=device),
+            "slot_mapping": torch.full((max_batch,), -1, dtype=torch.long, device=device),
+            "block_tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
+            "seq_lens": torch.zeros(max_batch, dtype=torch.int32, device=device)}
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int) -> None:
@@ -37,12 +60,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
         self.eos_token_ids = sorted(eos_token_ids)
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # empty + zero_ writes every page now: a lazily mapped pool faults pages in mid-step, tens of ms each.
-        self.kv_cache = [(torch.empty(shape, dtype=dtype, device=device).zero_(),
-                          torch.empty(shape, dtype=dtype, device=device).zero_()) for _ in range(config.num_layers)]
-        for layer, (k_cache, v_cache) in zip(model.attention_layers(), self.kv_cache, strict=True):
-            layer.bind_cache(k_cache, v_cache)
+        self.kv_cache = allocate_kv_cache(model, config, num_blocks, block_size, dtype, device)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
@@ -52,21 +70,19 @@ class ModelRunner:
         """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
         from services.llm.kernels.cuda_graphs import DecodeGraphRunner
 
-        device, max_blocks = self.device, -(-max_model_len // self.block_size)
-        buffers = {"input_ids": torch.zeros(max_batch, dtype=torch.long, device=device),
-                   "positions": torch.zeros(max_batch, dtype=torch.long, device=device),
-                   "slot_mapping": torch.full((max_batch,), -1, dtype=torch.long, device=device),
-                   "block_tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
-                   "seq_lens": torch.zeros(max_batch, dtype=torch.int32, device=device)}
+        buffers = decode_graph_buffers(max_batch, -(-max_model_len // self.block_size), self.device)
         padding = {"slot_mapping": -1, "seq_lens": 0}  # padding rows write no cache slot and attend to nothing
-        self.decode_graphs = DecodeGraphRunner(self._decode_logits, buffers, padding=padding)
+        self.decode_graphs = DecodeGraphRunner(self._decode_hidden, buffers, padding=padding)
         self.decode_graphs.capture()
 
-    def _decode_logits(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode_hidden(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The graphs end at the hidden states: the LM head is one GEMM (nothing to gain from a graph) and run
+        # eagerly it computes logits for the live rows only, with no [batch, vocab] output held per graph.
         # The decode kernels never read cu_seqlens_q; seq_lens stands in so no tensor is made during capture.
         meta = AttentionMetadata(slot_mapping=x["slot_mapping"], block_tables=x["block_tables"],
-                                 cu_seqlens_q=x["seq_lens"], seq_lens=x["seq_lens"], decode_only=True)
-        return self.model.compute_logits(self.model(x["input_ids"], x["positions"], meta))
+                                 cu_seqlens_q=x["seq_lens"], seq_lens=x["seq_lens"], decode_only=True,
+                                 max_query_len=1)
+        return self.model(x["input_ids"], x["positions"], meta)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
@@ -78,8 +94,9 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and meta.decode_only and graphs.padded_size(len(batch)) is not None \
                 and meta.block_tables.shape[1] <= graphs.buffers["block_tables"].shape[1]:
-            logits = graphs.run({"input_ids": input_ids, "positions": positions, "slot_mapping": meta.slot_mapping,
-                                 "block_tables": meta.block_tables, "seq_lens": meta.seq_lens})[last_rows]
+            hidden = graphs.run({"input_ids": input_ids, "positions": positions, "slot_mapping": meta.slot_mapping,
+                                 "block_tables": meta.block_tables, "seq_lens": meta.seq_lens})
+            logits = self.model.compute_logits(hidden[last_rows])
         else:
             logits = self.model.compute_logits(self.model(input_ids, positions, meta)[last_rows])
         rows = [self._sampling_row(seq) for seq in sampling_seqs]
@@ -115,13 +132,14 @@ class ModelRunner:
         last_rows = (cu_seqlens[1:] - 1)[reaches_end].long()
         sampling_seqs = [seq for seq, done in zip(batch.seqs, reaches_end.tolist(), strict=True) if done]
         cpu_plan = None
-        if device.type == "cpu":
+        if device.type == "cpu" and not use_triton_on(device):  # the interpreter tests route CPU to Triton
             cpu_plan = plan_cpu_attention(batch.num_new_tokens, [s + n for s, n in zip(starts, batch.num_new_tokens,
                                                                                       strict=True)],
                                           block_tables, slot_mapping, self.block_size, self.kv_bytes_per_token)
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
                                  cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
-                                 decode_only=decode_only, cpu_plan=cpu_plan)
+                                 decode_only=decode_only, max_query_len=max(batch.num_new_tokens),
+                                 cpu_plan=cpu_plan)
         input_ids = torch.tensor(tokens, dtype=torch.long).to(device)
         return input_ids, positions.to(device), meta, last_rows.to(device), sampling_seqs
 
@@ -138,27 +156,40 @@ class ModelRunner:
 
 
 @torch.inference_mode()
-def warm_up_peak_bytes(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                       block_size: int, num_tokens: int) -> int:
-    """Peak device memory of one full-size prefill step, run against a throwaway cache just big enough."""
+def warm_up_step(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
+                 num_tokens: int, num_sampled: int) -> None:
+    """The most memory a step can take: a prefill of `num_tokens` tokens against a throwaway cache just big
+    enough, then `num_sampled` rows sampled with every filter and logprobs (sorting the vocabulary for each
+    row is the sampler's peak). Runs on any device; `warm_up_peak_bytes` measures it on a GPU."""
     num_blocks = -(-num_tokens // block_size)
-    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(config.num_layers)]
-    for layer, (k_cache, v_cache) in zip(model.attention_layers(), caches, strict=True):
-        layer.bind_cache(k_cache, v_cache)
+    allocate_kv_cache(model, config, num_blocks, block_size, dtype, device)
     positions = torch.arange(num_tokens, device=device)
     meta = AttentionMetadata(slot_mapping=positions.clone(),
                              block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
                              cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
                              seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-                             decode_only=False)
+                             decode_only=False, max_query_len=num_tokens)
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     hidden = model(input_ids, positions, meta)
-    model.compute_logits(hidden[-1:])
+    num_sampled = max(1, min(num_sampled, num_tokens))
+    logits = model.compute_logits(hidden[-num_sampled:])
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, logprobs=20)
+    rows = [SamplingRow(params=params, prompt_token_ids=[], output_token_ids=[], generator=None, banned_token_ids=[])
+            for _ in range(num_sampled)]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    Sampler(generator)(logits, rows)
+    for layer in model.attention_layers():  # let the throwaway cache go before the pool is sized
+        layer.bind_cache(torch.empty(0, device=device), torch.empty(0, device=device))
+
+
+def warm_up_peak_bytes(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                       block_size: int, num_tokens: int, num_sampled: int) -> tuple[int, int]:
+    """(peak, held): device memory at the warm-up step's peak, and what stays allocated after it (the weights)."""
+    warm_up_step(model, config, device, dtype, block_size, num_tokens, num_sampled)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del caches, hidden
+    peak, held = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()
-    log.info("warm-up step of %d tokens peaks at %.2f GiB", num_tokens, peak / 2**30)
-    return peak
+    log.info("warm-up step of %d tokens, %d sampled, peaks at %.2f GiB (%.2f GiB held after it)", num_tokens,
+             num_sampled, peak / 2**30, held / 2**30)
+    return peak, held

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.llm.kernels.launches import launch
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, intermediate, BLOCK: tl.constexpr):
@@ -24,6 +26,6 @@ def silu_and_mul_triton(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     out = torch.empty(rows.shape[0], intermediate, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = min(block, triton.next_power_of_2(intermediate))
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, block))](
-            rows, out, rows.stride(0), out.stride(0), intermediate, BLOCK=block)
+        launch(_silu_and_mul_kernel, (rows.shape[0], triton.cdiv(intermediate, block)),
+               rows, out, rows.stride(0), out.stride(0), intermediate, BLOCK=block)
     return out.view(*x.shape[:-1], intermediate)

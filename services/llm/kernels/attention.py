@@ -127,12 +127,14 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                    max_query_len: int | None = None) -> torch.Tensor:
+    """`max_query_len` (the longest run of new queries, known on the host) spares the Triton launch a sync."""
     if use_triton(q):
         from services.llm.kernels import attention_triton
 
         return attention_triton.paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                                       scale)
+                                                       scale, max_query_len=max_query_len)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
 
 

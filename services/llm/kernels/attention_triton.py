@@ -1,13 +1,19 @@
 """Triton kernels for attention over the paged KV cache (see `attention.py` for the layout and the references).
 
 Decode: one program per (sequence, KV head, KV split) handles the whole query group of that KV head, so the
-heads that share a KV head read it once. Long contexts are cut into splits (flash-decoding): each split
-writes a normalised partial output and its log-sum-exp, and a reduce kernel combines them. The number of
-splits depends only on shapes, never on `seq_lens` values, so the decode launch needs no host sync and can
-be captured in a CUDA graph.
+heads that share a KV head read it once. Contexts are cut into splits (flash-decoding): each split writes a
+normalised partial output and its log-sum-exp, and a reduce kernel combines them. The number of splits
+depends only on shapes, never on `seq_lens` values, so the decode launch needs no host sync and can be
+captured in a CUDA graph; each program cuts its own sequence's length into that many parts on the device, so
+a short context spreads over all splits even when the launch was sized for `max_model_len` (graphs).
 
-Prefill / extend: one program per (sequence, query head, tile of new queries); query `j` sits at position
-`seq_len - q_len + j`, so cached prefixes and earlier chunks are read from the paged cache like any other key.
+Prefill / extend: one program per (tile of rows, sequence, KV head), where a row is one (new query, head of
+the KV head's group) pair: the group's heads share each K/V tile they read, as in decode, and an extension of
+a few tokens fills a tile with the whole group instead of padding. Query `j` sits at position
+`seq_len - q_len + j`, so cached prefixes and earlier chunks are read from the paged cache like any other
+key. Row tiles are the fastest grid axis, so the tiles that read the same sequence's K/V run side by side and
+share it in L2. The launch's grid needs the longest query run, which the caller passes from the host
+(`max_query_len`, known when the step is built), so a mixed step makes no host sync per layer.
 
 Softmax runs in base 2 with fp32 statistics and accumulators for bf16 / fp16 / fp32 inputs.
 """
@@ -19,6 +25,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from services.llm.kernels.launches import launch
 
 LOG2E = 1.4426950408889634
 
@@ -34,7 +42,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
-    group, head_dim, split_len,
+    group, head_dim, num_splits,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -50,6 +58,7 @@ def _decode_split_kernel(
                 mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
 
     seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # this sequence's part, tile-aligned
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -126,29 +135,32 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_tile = tl.program_id(2)
-    kv_head = head // group
+    row_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len  # tokens already in the cache before this step's queries
 
-    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
+    # Row r of the tile is query r // group of this sequence, for head r % group of this KV head's group.
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    queries = rows // group
+    heads = kv_head * group + rows % group
+    row_ok = queries < q_len
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    q = tl.load(q_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    positions = context + rows
+    q_offsets = (q_start + queries)[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    positions = context + queries
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Causal: this tile's last query sees up to its own position; tiles past q_len run no iterations.
-    end = tl.where(q_tile * BLOCK_M < q_len, tl.minimum(seq_len, context + (q_tile + 1) * BLOCK_M), 0)
+    # Causal: the tile's last query sees up to its own position; tiles past the sequence's rows run no iterations.
+    last_query = tl.minimum((row_tile * BLOCK_M + BLOCK_M - 1) // group, q_len - 1)
+    end = tl.where(row_tile * BLOCK_M < q_len * group, context + last_query + 1, 0)
     for tile in range(0, end, BLOCK_N):
         tokens = tile + tl.arange(0, BLOCK_N)
         token_ok = tokens < end
@@ -171,8 +183,8 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    o_offsets = (q_start + queries)[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -223,14 +235,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         return out
     max_context = block_tables.shape[1] * block_size
     splits = num_splits or decode_num_splits(batch, num_kv_heads, max_context, target_programs(q.device))
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
     block_d = _block_d(head_dim)
     if splits == 1:
         partial, lse = out, out  # unused by the direct path
     else:
         partial = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(batch, num_kv_heads, splits)](
+    launch(
+        _decode_split_kernel, (batch, num_kv_heads, splits),
         q, k_cache, v_cache, block_tables, seq_lens, out, partial, lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -240,12 +252,13 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         out.stride(0), out.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2) if splits > 1 else 0,
         lse.stride(0), lse.stride(1),
-        group, head_dim, split_len,
+        group, head_dim, splits,
         BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DIRECT=splits == 1, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
+        launch(
+            _decode_reduce_kernel, (batch, num_heads),
             partial, lse, out,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
@@ -258,9 +271,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
-    """Packed queries `[T, Hq, D]` of a mixed batch → `[T, Hq, D]` (causal over each sequence's cache)."""
+                           max_query_len: int | None = None, block_m: int = 64, block_n: int = 64,
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Packed queries `[T, Hq, D]` of a mixed batch → `[T, Hq, D]` (causal over each sequence's cache).
+    `max_query_len`: the longest run of new queries in the batch; read from `cu_seqlens_q` (a host sync)
+    only when the caller does not know it."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -269,10 +284,13 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    # Prefill steps are not graph-captured, so one host read of the longest query run is fine here.
-    max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_m = min(block_m, max(16, triton.next_power_of_2(max_q_len)))
-    _prefill_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
+    if max_query_len is None:
+        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    group = num_heads // num_kv_heads
+    rows = max_query_len * group
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    launch(
+        _prefill_kernel, (triton.cdiv(rows, block_m), batch, num_kv_heads),
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
         scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -280,7 +298,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_heads // num_kv_heads, head_dim,
+        group, head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )

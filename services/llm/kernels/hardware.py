@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -128,7 +129,12 @@ def detect_hardware(device: str | torch.device | None = None, dtype: torch.dtype
     if not torch.cuda.is_available():
         raise RuntimeError(f"device {target} requested but CUDA is not available")
     index = target.index if target.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
+    return cuda_profile(index, torch.cuda.get_device_properties(index), dtype)
+
+
+def cuda_profile(index: int, props: Any, dtype: torch.dtype | None = None) -> HardwareProfile:
+    """The profile of GPU `index` with these properties (the fields of `torch.cuda.get_device_properties`: name,
+    major, minor, total_memory, multi_processor_count), so tests can stand in GPUs they don't have."""
     capability = (props.major, props.minor)
     bf16 = capability >= _BF16_CAPABILITY
     if dtype == torch.bfloat16 and not bf16:

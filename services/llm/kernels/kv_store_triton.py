@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.llm.kernels.launches import launch
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -38,7 +40,8 @@ def store_kv_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tenso
     assert key.stride(-1) == 1 and value.stride(-1) == 1, "head_dim must be contiguous"
     for cache in (k_cache, v_cache):
         assert cache.stride(0) == cache.shape[1] * cache.stride(1), "a slot must be one index into the cache"
-    _store_kv_kernel[(num_tokens,)](
+    launch(
+        _store_kv_kernel, (num_tokens,),
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.llm.kernels.launches import launch
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -42,7 +44,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     summed = torch.empty_like(out) if residual is not None else out
     r2 = _rows(residual) if residual is not None else x2
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](
+        launch(
+            _rms_norm_kernel, (x2.shape[0],),
             x2, r2, weight, out, summed,
             x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0),
             hidden, eps,

@@ -13,7 +13,8 @@ from services.llm.kernels.dispatch import use_triton
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    """On the CPU whatever the default device, so every device gets the same table."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if not scaling:
         return inv_freq.float()
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -37,9 +38,10 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Ten
 
 def build_cos_sin_cache(head_dim: int, max_position: int, base: float, scaling: dict | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`[max_position, head_dim]`: cos of the half-dim angles, then their sin."""
+    """`[max_position, head_dim]` on `device`: cos of the half-dim angles, then their sin. Computed on the CPU
+    (the same numbers for every device), then moved."""
     inv_freq = rope_inv_freq(head_dim, base, scaling)
-    angles = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(max_position, dtype=torch.float32, device="cpu"), inv_freq)
     return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
 
 

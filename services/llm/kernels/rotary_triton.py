@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.llm.kernels.launches import launch
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, num_heads, half, cos, sin, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -42,7 +44,8 @@ def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tenso
         return
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1, "head_dim must be contiguous"
     half = head_dim // 2
-    _rotary_kernel[(num_tokens,)](
+    launch(
+        _rotary_kernel, (num_tokens,),
         q, k, positions, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         num_heads, num_kv_heads, half,

@@ -21,6 +21,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: total length in the cache, new tokens included
     decode_only: bool  # one new token per sequence: the cheaper decode kernel applies
     cpu_plan: attention_cpu.CpuAttentionPlan | None = None  # CPU steps: the attention work planned once per step
+    max_query_len: int | None = None  # longest run of new tokens, from the host (None: the kernel reads it)
 
 
 class PagedAttention(nn.Module):
@@ -43,4 +44,4 @@ class PagedAttention(nn.Module):
             return attention.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                                     meta.seq_lens, self.scale)
         return attention.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q,
-                                         meta.seq_lens, self.scale)
+                                         meta.seq_lens, self.scale, max_query_len=meta.max_query_len)

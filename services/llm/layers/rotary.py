@@ -1,4 +1,8 @@
-"""Rotary position embedding with its cos/sin table precomputed for every position."""
+"""Rotary position embedding with its cos/sin table precomputed for every position.
+
+The table lives on the device the model is built on (the default device, `with device:` in the loader) and
+stays fp32 whatever the model's dtype: the kernels read it in fp32, as Hugging Face computes it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from services.llm.kernels import rotary
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None) -> None:
         super().__init__()
-        cache = rotary.build_cos_sin_cache(head_dim, max_position, base, scaling)
+        cache = rotary.build_cos_sin_cache(head_dim, max_position, base, scaling, dtype=torch.float32,
+                                           device=torch.get_default_device())
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from services.llm.kernels.attention_triton import (
     paged_attention_triton,
     paged_decode_attention_triton,
 )
-from tests.unit.llm.kernels.paged_cache import build_paged_cache
+from tests.unit.llm.kernels.paged_cache import build_paged_cache, oracle_attention
 from tests.unit.llm.kernels.triton_mode import requires_interpreter
 
 pytestmark = requires_interpreter
@@ -31,7 +31,8 @@ def test_decode_kernel_matches_reference(num_heads: int, num_kv_heads: int, head
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-# Only fp16 here: Triton 3.9's interpreter computes bf16 `tl.dot` wrong (numpy has no bf16); tests/gpu covers bf16.
+# Only fp16 here: Triton 3.7.1's interpreter multiplies bf16 `tl.dot` operands as their raw 16-bit patterns (it
+# stores bf16 as uint16 for numpy and converts only fp8 before the matmul); tests/gpu covers bf16.
 def test_decode_kernel_half_precision() -> None:
     seq_lens = [9, 32]
     k_cache, v_cache, tables = build_paged_cache(seq_lens, 2, 64, BLOCK, dtype=torch.float16)
@@ -63,6 +64,34 @@ def test_prefill_kernel_matches_reference(num_heads: int, num_kv_heads: int, hea
     got = paged_attention_triton(q, k_cache, v_cache, tables, cu, lens, 0.1, block_m=16, block_n=16)
     want = paged_attention_reference(q, k_cache, v_cache, tables, cu, lens, 0.1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_with_tables_as_wide_as_max_model_len() -> None:
+    # Under CUDA graphs the block tables are as wide as max_model_len, so the split count is sized for the
+    # longest possible context; each sequence divides its own length over those splits.
+    seq_lens = [3, 70, 200, 1]
+    k_cache, v_cache, tables = build_paged_cache(seq_lens, 2, 64, BLOCK, seed=6)
+    wide = torch.zeros(len(seq_lens), 4096 // BLOCK, dtype=torch.int32)
+    wide[:, :tables.shape[1]] = tables.clamp(min=0)
+    q = torch.randn(len(seq_lens), 6, 64)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    assert decode_num_splits(len(seq_lens), 2, 4096) == 16
+    got = paged_decode_attention_triton(q, k_cache, v_cache, wide, lens, 0.1, block_n=16)
+    torch.testing.assert_close(got, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_rows_pack_the_query_group() -> None:
+    # 8 query heads on 1 KV head: one row tile holds two queries' whole group, so tiles end mid-sequence.
+    seq_lens = [3, 20, 50]  # with 3, 1 and 2 new queries (cu below)
+    k_cache, v_cache, tables = build_paged_cache(seq_lens, 1, 64, BLOCK, seed=7)
+    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    q = torch.randn(6, 8, 64)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    got = paged_attention_triton(q, k_cache, v_cache, tables, cu, lens, 0.1, max_query_len=3, block_m=16,
+                                 block_n=16)
+    want = oracle_attention(q, k_cache, v_cache, tables, cu.tolist(), seq_lens, 0.1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_split_count_depends_on_shapes_only() -> None:

@@ -1,0 +1,56 @@
+"""Every kernel specialization a production model launches compiles for sm_80, sm_89 and sm_90, without a GPU.
+
+`bench/kernels_compile.py --production` records the launches of Qwen2.5-7B-Instruct and Llama-3-8B shapes on
+the meta device and compiles each distinct specialization with `triton.compile` for real GPU targets (PTX,
+then a cubin from the ptxas in the triton wheel). The engine's own launches, recorded under the interpreter,
+are compiled by `tests/unit/llm/test_engine_triton.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+ROOT = Path(__file__).resolve().parents[4]
+KERNELS = {"decode_split_kernel", "decode_reduce_kernel", "prefill_kernel", "store_kv_kernel", "rms_norm_kernel",
+           "rotary_kernel", "silu_and_mul_kernel"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("aot") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "bench/kernels_compile.py", "--check", "--production", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_compiles_for_every_architecture(report: dict) -> None:
+    rows = report["kernels"]
+    assert {(row["kernel"], row["arch"]) for row in rows} == {(k, a) for k in KERNELS
+                                                              for a in ("sm_80", "sm_89", "sm_90")}
+    assert [row for row in rows if row["error"]] == []
+    assert all(row["has_ptx"] and row["cubin_bytes"] > 0 for row in rows)
+    sources = {source for row in rows for source in row["sources"]}
+    assert sources == {"Qwen2.5-7B-Instruct bf16 block 16", "Llama-3-8B bf16 block 16"}
+
+
+def test_shared_memory_within_each_architecture_limit(report: dict) -> None:
+    limits = {"sm_80": 163 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+    over = [(row["kernel"], row["arch"], row["shared_bytes"]) for row in report["kernels"]
+            if row["shared_bytes"] > limits[row["arch"]]]
+    assert over == []
+
+
+def test_hot_kernels_do_not_spill(report: dict) -> None:
+    hot = [row for row in report["kernels"] if row["kernel"] in ("decode_split_kernel", "prefill_kernel")]
+    assert hot and all(row["spill_stores"] == 0 and row["spill_loads"] == 0 for row in hot)
+    assert all(row["occupancy"] > 0 for row in report["kernels"])
