@@ -104,7 +104,7 @@ fi
 if [ "$GPU" = 1 ]; then
   # 3-5 on the GPU
   run "tests/gpu" 240 "$OUT/tests-gpu.txt" \
-    "$PY" -m pytest tests/gpu -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
+    "$PY" -m pytest tests/gpu -q -p no:cacheprovider \
     --junitxml="$OUT/tests-gpu.xml"
   run "bench/kernels.py" 120 "$OUT/kernels.txt" env BENCH_RESULTS_DIR="$OUT" "$PY" bench/kernels.py --no-sweep
   run "bench/gpu_smoke.py (Llama-3-8B shape, 4 layers)" 180 "$OUT/smoke.txt" \
@@ -112,7 +112,7 @@ if [ "$GPU" = 1 ]; then
 else
   say "SKIP tests/gpu: no CUDA GPU (collecting them only)"
   run "tests/gpu collected" 120 "$OUT/tests-gpu.txt" \
-    "$PY" -m pytest tests/gpu -q --collect-only -p no:cacheprovider -o addopts="--import-mode=importlib"
+    "$PY" -m pytest tests/gpu -q --collect-only -p no:cacheprovider
   say "SKIP bench/kernels.py: no CUDA GPU"
   run "bench/gpu_smoke.py --tiny (CPU)" 300 "$OUT/smoke.txt" "$PY" bench/gpu_smoke.py --out "$OUT" --tiny
 fi

@@ -18,7 +18,9 @@ class LLMSettings(ServiceSettings):
     dtype: str = Field("auto", description="float16, bfloat16, float32, or auto")
     block_size: int | None = Field(None, description="tokens per KV-cache block (empty: the hardware profile's)")
     kv_cache_gib: float = Field(1.0, description="KV-cache size in GiB on CPU")
-    gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory the engine may use")
+    gpu_memory_utilization: float = Field(
+        0.85, description="share of the GPU's memory for weights, activations and the KV pool (which gets what is "
+                          "left); services sharing a GPU keep the sum <= 0.95")
     max_num_seqs: int = Field(256, description="most sequences running in one engine step")
     max_num_batched_tokens: int = Field(2048, description="most tokens in one engine step")
     long_prefill_token_threshold: int = Field(512, ge=0, description="most tokens of one prompt per engine step "
