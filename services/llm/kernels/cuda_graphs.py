@@ -7,17 +7,12 @@ graph bakes in its addresses), and at run time copies the live inputs into the b
 the rows with harmless values and replays the smallest graph that fits. Larger batches, or `enabled=False`,
 run `step` eagerly on the same inputs.
 
-Wiring it into the engine's model runner:
+How the engine's model runner wires it (`engine/runner.py`):
 
-    buffers = {"input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
-               "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
-               "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=dev),
-               "block_tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
-               "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev)}
-    graphs = DecodeGraphRunner(lambda x: model.decode(**x), buffers,
-                               padding={"slot_mapping": -1, "seq_lens": 0}, enabled=profile.use_cuda_graphs)
+    buffers = decode_graph_buffers(max_bs, max_blocks, device)   # input_ids, positions, slot_mapping, ...
+    graphs = DecodeGraphRunner(step_to_hidden_states, buffers, padding={"slot_mapping": -1, "seq_lens": 0})
     graphs.capture()                      # once, after the KV pool is allocated
-    logits = graphs.run(live_inputs)      # every decode step; returns rows for the live batch only
+    hidden = graphs.run(live_inputs)      # every decode step; returns rows for the live batch only
 
 Padding rows use slot -1 (`store_kv` skips them) and length 0 (decode attention returns zeros for them),
 so they never touch real cache blocks. The step must not read `seq_lens` values on the host
