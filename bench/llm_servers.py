@@ -46,7 +46,7 @@ class ServerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     kv_cache_gib: int
-    threads: int  # CPU threads for the model's math
+    threads: int | None  # CPU threads for the model's math; None: each server's own default policy
 
     def describe(self) -> dict[str, object]:
         return {**asdict(self), "model_dir": self.model_dir.name}
@@ -142,7 +142,12 @@ def running(command: list[str], env: dict[str, str], log_path: Path) -> Iterator
                 process.wait()
 
 
-def _thread_env(threads: int) -> dict[str, str]:
+def _thread_env(threads: int | None) -> dict[str, str]:
+    """Pins every server to `threads`, or (None) leaves each to its own policy: ours runs torch on every core it
+    may use; vLLM CPU drops torch to one thread for serving (its OMP workers otherwise spin-wait between ops, and
+    it warns when OMP_NUM_THREADS overrides that)."""
+    if threads is None:
+        return {}
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
