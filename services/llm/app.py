@@ -67,13 +67,19 @@ def served_model_id(settings: LLMSettings, model: str) -> str:
 
 def load_engine(settings: LLMSettings, model: str) -> Any:
     from services.llm.engine import EngineConfig, LLMEngine
+    from services.llm.speculative import SpeculativeConfig
 
+    speculative = SpeculativeConfig(method=settings.speculative_method, num_tokens=settings.speculative_num_tokens,
+                                    ngram_min=settings.speculative_ngram_min, ngram_max=settings.speculative_ngram_max,
+                                    draft_model=settings.speculative_draft_model,
+                                    max_batch=settings.speculative_max_batch)
     config = EngineConfig(model=model, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           long_prefill_token_threshold=settings.long_prefill_token_threshold,
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                          seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager)
+                          seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
+                          speculative=speculative)
     return LLMEngine(config)
 
 
@@ -124,6 +130,9 @@ class LLMService:
             # The profile says what the device allows; whether graphs were captured is the runner's to say.
             metadata["hardware"] = {**engine.hardware.describe(),
                                     "cuda_graphs": engine.runner.decode_graphs is not None}
+            spec = engine.config.speculative
+            metadata["speculative"] = {"method": spec.method, "num_tokens": spec.num_tokens} if spec.enabled \
+                else {"method": "off"}
         return [ModelCard(self.model_id, metadata=metadata)]
 
     def check_model(self, model: str | None) -> None:

@@ -144,6 +144,10 @@ class ServingMetrics:
                                    registry=registry)
         self.prompt_tokens = Counter("llm:prompt_tokens", "Prompt tokens processed", registry=registry)
         self.generation_tokens = Counter("llm:generation_tokens", "Tokens generated", registry=registry)
+        self.spec_draft_tokens = Counter("llm:spec_decode_num_draft_tokens",
+                                         "Speculative decoding: draft tokens checked by the model", registry=registry)
+        self.spec_accepted_tokens = Counter("llm:spec_decode_num_accepted_tokens",
+                                            "Speculative decoding: draft tokens accepted", registry=registry)
         self.request_success = Counter("llm:request_success", "Finished requests by finish reason",
                                        ["finished_reason"], registry=registry)
         self.ttft = Histogram("llm:time_to_first_token_seconds", "Time to first token", buckets=self.TTFT_BUCKETS,
@@ -164,7 +168,9 @@ class ServingMetrics:
                               ("prefix_cache_hits", self.prefix_hits),
                               ("num_preemptions", self.preemptions),
                               ("prompt_tokens_total", self.prompt_tokens),
-                              ("generation_tokens_total", self.generation_tokens)):
+                              ("generation_tokens_total", self.generation_tokens),
+                              ("spec_draft_tokens_total", self.spec_draft_tokens),
+                              ("spec_accepted_tokens_total", self.spec_accepted_tokens)):
             total = int(getattr(stats, name))
             delta = total - self._totals.get(name, 0)
             if delta > 0:

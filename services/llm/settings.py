@@ -33,3 +33,12 @@ class LLMSettings(ServiceSettings):
     seed: int = Field(0, description="engine seed for requests without their own")
     cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs where the GPU allows")
     enforce_eager: bool = Field(False, description="run every step eagerly (turns CUDA graphs off)")
+    speculative_method: str = Field("off", description="speculative decoding: off, ngram (prompt lookup: drafts "
+                                    "copied from earlier in the prompt), or draft (a smaller model with the same "
+                                    "tokenizer, LLM_SPECULATIVE_DRAFT_MODEL)")
+    speculative_num_tokens: int = Field(4, ge=1, description="most draft tokens per sequence per step")
+    speculative_ngram_min: int = Field(2, ge=1, description="prompt lookup: shortest suffix matched")
+    speculative_ngram_max: int = Field(4, ge=1, description="prompt lookup: longest suffix matched")
+    speculative_draft_model: str = Field("", description="draft model directory or .gguf (method draft)")
+    speculative_max_batch: int = Field(0, ge=0, description="no drafts while more sequences than this run, where "
+                                       "verification costs more than it saves (0: no limit)")

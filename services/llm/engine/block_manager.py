@@ -92,11 +92,23 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._take_fresh_block())
 
+    def release_unused(self, seq: Sequence) -> None:
+        """Returns the blocks past the sequence's computed tokens (room a speculative step held for drafts that
+        were rejected). They were taken fresh this step, so nobody else holds them and no hash names them."""
+        keep = self.blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.ref_counts[block] == 1 and self.block_hashes[block] is None
+            self.ref_counts[block] = 0
+            self.free_queue[block] = None
+            self.free_queue.move_to_end(block, last=False)  # empty: reuse it before blocks holding a prefix
+
     def commit_computed_blocks(self, seq: Sequence) -> None:
-        """Publishes the sequence's newly completed blocks to the prefix cache, once their KV is written."""
+        """Publishes the sequence's newly completed blocks to the prefix cache, once their KV is written and their
+        tokens are known (the KV of accepted draft tokens is written a step before they join the sequence)."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         self._hash_full_blocks(seq, full)
         for i in range(seq.num_cached_blocks, full):
             block, block_hash = seq.block_table[i], seq.block_hashes[i]
@@ -115,6 +127,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
+        seq.num_draft_computed = 0
 
     def _take_fresh_block(self) -> int:
         block, _ = self.free_queue.popitem(last=False)

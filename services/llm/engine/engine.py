@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -19,13 +19,13 @@ from tqdm import tqdm
 from services.llm.engine.block_manager import BlockManager
 from services.llm.engine.gpu_memory import plan_kv_budget
 from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
-from services.llm.engine.runner import ModelRunner, kv_bytes_per_block
+from services.llm.engine.runner import ModelRunner, StepOutput, kv_bytes_per_block
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
-from services.llm.layers.sampler import SamplerOutput
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from services.llm.speculative import SpeculativeConfig, build_proposer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class EngineConfig:
     seed: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs where the hardware profile allows
     num_kv_blocks: int | None = None  # a fixed KV pool size in blocks, on any device (tests, benchmarks)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -86,9 +87,11 @@ class LLMEngine:
         self.max_model_len = self._fit_context_to_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, config.speculative)
+        proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
+                                  num_blocks)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
-                                  num_blocks, self.eos_token_ids, config.seed)
+                                  num_blocks, self.eos_token_ids, config.seed, proposer)
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -98,6 +101,8 @@ class LLMEngine:
         self._abort_outputs: list[RequestOutput] = []  # final outputs of requests ended between steps (abort, stop)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.draft_tokens_total = 0
+        self.accepted_tokens_total = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1fs)",
                  self.model_name, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len,
                  time.perf_counter() - started)
@@ -127,8 +132,7 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch:
                 self._mark_scheduled(batch)
-                sampled_seqs, sampled = self.runner.execute(batch)
-                outputs += self._postprocess(batch, sampled_seqs, sampled)
+                outputs += self._postprocess(batch, self.runner.execute(batch))
             while self._pending_aborts:
                 self._abort_now(self._pending_aborts.popleft())
             return outputs
@@ -173,7 +177,9 @@ class LLMEngine:
                            num_total_blocks=manager.num_blocks, prefix_cache_queries=scheduler.prefix_cache_queries,
                            prefix_cache_hits=scheduler.prefix_cache_hits, num_preemptions=scheduler.num_preemptions,
                            prompt_tokens_total=self.prompt_tokens_total,
-                           generation_tokens_total=self.generation_tokens_total)
+                           generation_tokens_total=self.generation_tokens_total,
+                           spec_draft_tokens_total=self.draft_tokens_total,
+                           spec_accepted_tokens_total=self.accepted_tokens_total)
 
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -239,27 +245,33 @@ class LLMEngine:
                 request.num_cached_tokens = seq.num_computed_tokens
                 self.prompt_tokens_total += seq.num_prompt_tokens
 
-    def _postprocess(self, batch: ScheduledBatch, sampled_seqs: list[Sequence],
-                     sampled: SamplerOutput | None) -> list[RequestOutput]:
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += num_new
+    def _postprocess(self, batch: ScheduledBatch, step: StepOutput) -> list[RequestOutput]:
+        for seq, num_new, num_computed in zip(batch.seqs, batch.num_new_tokens, step.num_computed, strict=True):
+            seq.num_computed_tokens += num_computed
+            if num_computed < num_new:  # room for drafts that were rejected, or never proposed
+                self.block_manager.release_unused(seq)
             self.block_manager.commit_computed_blocks(seq)
-        if sampled is None:
+        if not step.seqs:
             return []
         now = time.time()
         touched: dict[str, Request] = {}
-        for seq, token, logprob in zip(sampled_seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            seq.token_ids.append(token)
-            if logprob is not None:
-                seq.new_logprobs.append(TokenLogprob(token_id=token, logprob=logprob[0], top=logprob[1]))
-            self._check_finished(seq, token)
+        for seq, tokens, logprobs in zip(step.seqs, step.token_ids, step.logprobs, strict=True):
+            for token, logprob in zip(tokens, logprobs, strict=True):
+                seq.token_ids.append(token)
+                if logprob is not None:
+                    seq.new_logprobs.append(TokenLogprob(token_id=token, logprob=logprob[0], top=logprob[1]))
+                self.generation_tokens_total += 1
+                self._check_finished(seq, token)
+                if seq.is_finished:  # tokens accepted past a stop are dropped
+                    break
             request = seq.request
             if seq.index == 0 and request.held_back:
                 for sibling in reversed(request.held_back):
                     self.scheduler.add(sibling, front=True)
                 request.held_back = []
             touched[request.request_id] = request
-        self.generation_tokens_total += len(sampled_seqs)
+        self.draft_tokens_total += step.num_draft_tokens
+        self.accepted_tokens_total += step.num_accepted_tokens
         outputs = []
         for request in touched.values():
             timings = request.timings

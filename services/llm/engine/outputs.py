@@ -65,3 +65,5 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_draft_tokens_total: int = 0  # speculative decoding: draft tokens the target checked
+    spec_accepted_tokens_total: int = 0  # ... and of those, the ones it accepted

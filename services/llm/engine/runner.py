@@ -1,12 +1,16 @@
 """Runs one scheduled batch through the model: pack the step's tokens, forward, sample.
 
-Owns the model, the per-layer KV cache tensors and the sampler. Inputs are built with a handful of tensor
+Owns the model, the per-layer KV cache tensors, the sampler and the speculative proposer, if any: a decode
+the scheduler left room behind gets the proposer's draft tokens as extra inputs, and the sampler's
+verification decides how many of them stand (their KV past that point is dead, and the engine gives back
+the blocks that held only them). Inputs are built with a handful of tensor
 ops (no per-token Python) because on CPU the per-step overhead is a visible share of decode time.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,12 +23,68 @@ from services.llm.engine.sequence import Sequence
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.layers.attention import AttentionMetadata
-from services.llm.layers.sampler import Sampler, SamplerOutput, SamplingRow
+from services.llm.layers.sampler import Sampler, SamplingRow
+from services.llm.speculative import Proposer
 
 if TYPE_CHECKING:
     from services.llm.kernels.cuda_graphs import DecodeGraphRunner
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step produced: per batch position, the tokens whose KV is now in the cache; per sequence that
+    reached its last token, the tokens it gained (one, or more when drafts were accepted) and their logprobs."""
+    num_computed: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # each of `seqs`' place in the batch
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[tuple[float, list[tuple[int, float]]] | None]] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+
+@dataclass(slots=True)
+class PackedStep:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    ends: list[int]  # where each sequence's tokens end in the packed step
+
+
+def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists: list[list[int]], block_size: int,
+              kv_bytes_per_token: int, device: torch.device) -> PackedStep:
+    """A step's model inputs: sequence i feeds `token_lists[i]` at positions from `starts[i]` on, its keys and
+    values going to the blocks of `block_table_lists[i]`. Built with a handful of tensor ops."""
+    tokens = [token for token_list in token_lists for token in token_list]
+    batch = len(token_lists)
+    num_new = torch.tensor([len(token_list) for token_list in token_lists], dtype=torch.int32)
+    start_t = torch.tensor(starts, dtype=torch.int32)
+    seq_lens = start_t + num_new
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+    torch.cumsum(num_new, 0, out=cu_seqlens[1:])
+    width = max(len(table) for table in block_table_lists)
+    block_tables = torch.tensor([table + [0] * (width - len(table)) for table in block_table_lists],
+                                dtype=torch.int32)
+    decode_only = len(tokens) == batch
+    if decode_only:
+        positions = start_t.long()
+        owner = torch.arange(batch)
+    else:
+        owner = torch.repeat_interleave(torch.arange(batch), num_new)
+        positions = (torch.arange(len(tokens)) - cu_seqlens[:-1].long()[owner]) + start_t.long()[owner]
+    slot_mapping = block_tables[owner, positions // block_size].long() * block_size + positions % block_size
+    cpu_plan = None
+    if device.type == "cpu" and not use_triton_on(device):  # the interpreter tests route CPU to Triton
+        cpu_plan = plan_cpu_attention(num_new.tolist(), seq_lens.tolist(), block_tables, slot_mapping, block_size,
+                                      kv_bytes_per_token)
+    meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
+                             cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
+                             decode_only=decode_only, max_query_len=max(len(t) for t in token_lists),
+                             cpu_plan=cpu_plan)
+    return PackedStep(input_ids=torch.tensor(tokens, dtype=torch.long).to(device), positions=positions.to(device),
+                      meta=meta, ends=cu_seqlens[1:].tolist())
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -55,7 +115,8 @@ def decode_graph_buffers(max_batch: int, max_blocks: int, device: torch.device) 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                 block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int) -> None:
+                 block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
+                 proposer: Proposer | None = None) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
@@ -65,6 +126,7 @@ class ModelRunner:
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
         self.decode_graphs: DecodeGraphRunner | None = None
+        self.proposer = proposer
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
@@ -85,68 +147,94 @@ class ModelRunner:
         return self.model(x["input_ids"], x["positions"], meta)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Runs the batch; returns the sequences that reached their last token and what was sampled for them."""
-        input_ids, positions, meta, last_rows, sampling_seqs = self._prepare(batch)
-        if not sampling_seqs:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Runs the batch: each sequence's scheduled tokens, plus the drafts the proposer offers in the room the
+        scheduler reserved behind a decode; sequences that reach their last token get one token or more."""
+        drafts = self._drafts(batch)
+        input_ids, positions, meta, logit_rows, step = self._prepare(batch, drafts)
+        if not step.seqs:
             self.model(input_ids, positions, meta)
-            return [], None
+            return step
         graphs = self.decode_graphs
         if graphs is not None and meta.decode_only and graphs.padded_size(len(batch)) is not None \
                 and meta.block_tables.shape[1] <= graphs.buffers["block_tables"].shape[1]:
             hidden = graphs.run({"input_ids": input_ids, "positions": positions, "slot_mapping": meta.slot_mapping,
                                  "block_tables": meta.block_tables, "seq_lens": meta.seq_lens})
-            logits = self.model.compute_logits(hidden[last_rows])
+            logits = self.model.compute_logits(hidden[logit_rows])
         else:
-            logits = self.model.compute_logits(self.model(input_ids, positions, meta)[last_rows])
-        rows = [self._sampling_row(seq) for seq in sampling_seqs]
-        return sampling_seqs, self.sampler(logits, rows)
+            logits = self.model.compute_logits(self.model(input_ids, positions, meta)[logit_rows])
+        if drafts is None:
+            sampled = self.sampler(logits, [self._sampling_row(seq) for seq in step.seqs])
+            step.token_ids = [[token] for token in sampled.token_ids]
+            step.logprobs = [[logprob] for logprob in sampled.logprobs]
+            return step
+        self._verify(logits, step, drafts)
+        return step
 
-    def _prepare(self, batch: ScheduledBatch
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Sequence]]:
-        tokens: list[int] = []
-        starts: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+    def _drafts(self, batch: ScheduledBatch) -> dict[int, list[int]] | None:
+        """Draft tokens by position in the batch, for the sequences the scheduler gave room for them."""
+        if self.proposer is None:
+            return None
+        slots = [seq.num_computed_tokens + num_new - seq.num_tokens
+                 for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+        positions = [i for i, n in enumerate(slots) if n > 0]
+        if not positions:
+            return None
+        proposed = self.proposer.propose([batch.seqs[i] for i in positions], [slots[i] for i in positions])
+        drafts = {i: tokens[:slots[i]] for i, tokens in zip(positions, proposed, strict=True) if tokens}
+        return drafts or None
+
+    def _verify(self, logits: torch.Tensor, step: StepOutput, drafts: dict[int, list[int]]) -> None:
+        """Rejection sampling over each sequence's rows: accepted drafts, then one token from the target."""
+        rows: list[SamplingRow] = []
+        row_drafts: list[int] = []
+        for seq, position in zip(step.seqs, step.positions, strict=True):
+            seq_drafts = drafts.get(position, [])
+            for j in range(len(seq_drafts) + 1):
+                rows.append(self._sampling_row(seq, j))
+                row_drafts.append(seq_drafts[j] if j < len(seq_drafts) else -1)
+        sampled, accepted = self.sampler.verify(logits, rows, row_drafts)
+        first = 0
+        for position in step.positions:
+            num_drafts = len(drafts.get(position, []))
+            taken = 0
+            while taken < num_drafts and accepted[first + taken]:
+                taken += 1
+            step.token_ids.append(sampled.token_ids[first:first + taken + 1])
+            step.logprobs.append(sampled.logprobs[first:first + taken + 1])
+            # The KV of rejected drafts stays in slots past the sequence's end, to be overwritten.
+            step.num_computed[position] -= num_drafts - taken
+            step.num_draft_tokens += num_drafts
+            step.num_accepted_tokens += taken
+            first += num_drafts + 1
+
+    def _prepare(self, batch: ScheduledBatch, drafts: dict[int, list[int]] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, StepOutput]:
+        token_lists = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
-            tokens += seq.token_ids[start:start + num_new]
-            starts.append(start)
-        device = self.device
-        num_new = torch.tensor(batch.num_new_tokens, dtype=torch.int32)
-        start_t = torch.tensor(starts, dtype=torch.int32)
-        seq_lens = start_t + num_new
-        cu_seqlens = torch.zeros(len(batch) + 1, dtype=torch.int32)
-        torch.cumsum(num_new, 0, out=cu_seqlens[1:])
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs],
-                                    dtype=torch.int32)
-        decode_only = len(tokens) == len(batch)
-        if decode_only:
-            positions = start_t.long()
-            owner = torch.arange(len(batch))
-        else:
-            owner = torch.repeat_interleave(torch.arange(len(batch)), num_new)
-            positions = (torch.arange(len(tokens)) - cu_seqlens[:-1].long()[owner]) + start_t.long()[owner]
-        slot_mapping = block_tables[owner, positions // self.block_size].long() * self.block_size \
-            + positions % self.block_size
-        reaches_end = seq_lens == torch.tensor([seq.num_tokens for seq in batch.seqs], dtype=torch.int32)
-        last_rows = (cu_seqlens[1:] - 1)[reaches_end].long()
-        sampling_seqs = [seq for seq, done in zip(batch.seqs, reaches_end.tolist(), strict=True) if done]
-        cpu_plan = None
-        if device.type == "cpu" and not use_triton_on(device):  # the interpreter tests route CPU to Triton
-            cpu_plan = plan_cpu_attention(batch.num_new_tokens, [s + n for s, n in zip(starts, batch.num_new_tokens,
-                                                                                      strict=True)],
-                                          block_tables, slot_mapping, self.block_size, self.kv_bytes_per_token)
-        meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
-                                 cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
-                                 decode_only=decode_only, max_query_len=max(batch.num_new_tokens),
-                                 cpu_plan=cpu_plan)
-        input_ids = torch.tensor(tokens, dtype=torch.long).to(device)
-        return input_ids, positions.to(device), meta, last_rows.to(device), sampling_seqs
+            tokens = seq.token_ids[start:start + num_new]  # room reserved for drafts lies past the known tokens
+            token_lists.append(tokens + drafts[i] if drafts is not None and i in drafts else tokens)
+        packed = pack_step(token_lists, [seq.num_computed_tokens for seq in batch.seqs],
+                           [seq.block_table for seq in batch.seqs], self.block_size, self.kv_bytes_per_token,
+                           self.device)
+        step = StepOutput(num_computed=[len(tokens) for tokens in token_lists])
+        logit_rows: list[int] = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            if seq.num_computed_tokens + num_new >= seq.num_tokens:  # reaches its last known token
+                num_drafts = len(drafts.get(i, [])) if drafts is not None else 0
+                end = packed.ends[i]
+                logit_rows += range(end - num_drafts - 1, end)
+                step.seqs.append(seq)
+                step.positions.append(i)
+        rows = torch.tensor(logit_rows, dtype=torch.long).to(self.device)
+        return packed.input_ids, packed.positions, packed.meta, rows, step
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
+        """`ahead`: how many draft tokens come before this row's token (speculation's later rows)."""
         params = seq.params
         banned: list[int] = []
-        if seq.num_output_tokens < params.min_tokens:
+        if seq.num_output_tokens + ahead < params.min_tokens:
             banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
         uses_history = params.uses_penalties
         return SamplingRow(params=params,

@@ -5,6 +5,9 @@ waiting ones first-come-first-served while the token budget, `max_num_seqs` and 
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it is recomputed
 later (its finished blocks usually survive in the prefix cache).
 
+With speculative decoding on, a decode is scheduled with room for its draft tokens behind it (the runner
+asks the proposer to fill it); what the target rejects is rolled back after the step.
+
 While other sequences share the engine, one prefill chunk takes at most `long_prefill_token_threshold` tokens
 of a step (vLLM's knob of that name): a long prompt then advances a slice per step while decodes keep their
 steps short and waiting requests get admitted, instead of every step being that prompt's.
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from services.llm.engine.block_manager import BlockManager
 from services.llm.engine.sequence import Sequence, SequenceStatus
+from services.llm.speculative import SpeculativeConfig, speculation_slots
 
 
 @dataclass(slots=True)
@@ -35,11 +39,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0) -> None:
+                 long_prefill_token_threshold: int = 0, speculative: SpeculativeConfig | None = None) -> None:
         assert long_prefill_token_threshold >= 0
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no cap
+        self.speculative = speculative or SpeculativeConfig()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -72,8 +77,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            # A prefill chunk shrinks to the free blocks before anyone is preempted for it.
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(),
+            wanted = seq.num_tokens - seq.num_computed_tokens
+            if wanted == 1:  # a decode: room behind its token for the drafts of speculative decoding
+                wanted += min(speculation_slots(self.speculative, seq, len(self.running)),
+                              self._draft_room(seq, len(self.running) - i - 1))
+            # A prefill chunk (or a decode's draft room) shrinks to the free blocks before anyone is preempted for it.
+            num_new = min(wanted, budget, self._chunk_cap(),
                           max(manager.room_for(seq), 1))
             while not manager.can_grow(seq, num_new):
                 victim = self.running.pop()
@@ -105,6 +114,13 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+
+    def _draft_room(self, seq: Sequence, num_after: int) -> int:
+        """Draft tokens a decode may reserve while a fresh block stays free for each running sequence after it:
+        speculation takes only room nobody else needs, so it never causes a preemption on its own."""
+        manager = self.block_manager
+        spare_blocks = max(0, manager.num_free_blocks - num_after)
+        return max(0, (len(seq.block_table) + spare_blocks) * manager.block_size - seq.num_computed_tokens - 1)
 
     def _chunk_cap(self) -> int:
         """Most tokens one sequence may take this step: a sequence alone in the engine may take the whole budget."""

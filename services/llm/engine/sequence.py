@@ -30,6 +30,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks, as far as computed
     num_cached_blocks: int = 0  # leading blocks of block_table already published to the prefix cache
+    num_draft_computed: int = 0  # speculation with a draft model: tokens whose draft KV is in the same blocks
     num_returned_tokens: int = 0  # generated tokens already handed out in a RequestOutput
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None

@@ -4,6 +4,12 @@ Order: penalties and min_tokens act on the logits; greedy rows take the argmax; 
 by temperature, filtered by top-k / top-p / min-p, and sampled with the exponential race
 (argmax of p / E, E ~ Exp(1)), whose noise comes from the row's own generator when the request is seeded
 so that a seed gives the same text whatever else shares the batch. Logprobs are the model's own (raw logits).
+
+`verify` is the same pipeline for speculative decoding: each row may carry a draft token, proposed
+deterministically (prompt lookup, or a draft model's argmax). A draft is accepted with the probability the
+target gives it (greedy: when it is the argmax); a rejected row samples from the target with the draft token
+removed. For a deterministic proposal this is exactly the rejection sampling of Leviathan et al. (2023): the
+tokens come from the target's distribution whatever the drafts were.
 """
 
 from __future__ import annotations
@@ -38,26 +44,52 @@ class Sampler:
         logits = logits.float()
         params = [row.params for row in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        if any(p.uses_penalties for p in params):
-            logits = apply_penalties(logits, rows)
-        banned = [(i, token) for i, row in enumerate(rows) for token in row.banned_token_ids]
-        if banned:
-            row_index, token_index = zip(*banned, strict=True)
-            logits = logits.index_put((torch.tensor(row_index, device=logits.device),
-                                       torch.tensor(token_index, device=logits.device)),
-                                      torch.tensor(float("-inf"), device=logits.device))
+        logits = _constrain(logits, rows)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             index = torch.tensor(sampled_rows, device=logits.device)
-            sub = logits[index]
-            sub_params = [params[i] for i in sampled_rows]
-            temperature = torch.tensor([p.temperature for p in sub_params], device=logits.device)
-            probs = filter_probs(torch.softmax(sub / temperature[:, None], dim=-1), sub_params)
+            probs = _probs(logits[index], [params[i] for i in sampled_rows])
             noise = self._exponential_noise(probs, [rows[i].generator for i in sampled_rows])
             tokens[index] = (probs / noise).argmax(dim=-1)
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params))
+
+    def verify(self, logits: torch.Tensor, rows: list[SamplingRow], drafts: list[int]
+               ) -> tuple[SamplerOutput, list[bool]]:
+        """Per row: the draft token (-1: none) is accepted or not, and the token the row emits: the draft when
+        accepted, else a sample from the target without the draft (rows with no draft sample as usual)."""
+        logits = logits.float()
+        params = [row.params for row in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        logits = _constrain(logits, rows)
+        draft = torch.tensor(drafts, device=logits.device)
+        tokens = logits.argmax(dim=-1)
+        accepted = tokens == draft
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            index = torch.tensor(sampled_rows, device=logits.device)
+            probs = _probs(logits[index], [params[i] for i in sampled_rows])
+            sub_draft = draft[index]
+            has_draft = sub_draft >= 0
+            safe_draft = sub_draft.clamp(min=0)[:, None]
+            draft_prob = probs.gather(1, safe_draft)[:, 0] / probs.sum(dim=-1)
+            generators = [rows[i].generator for i in sampled_rows]
+            accepted[index] = has_draft & (self._uniform(generators, probs.device) < draft_prob)
+            residual = probs.scatter(1, safe_draft, torch.where(has_draft[:, None], 0.0, probs.gather(1, safe_draft)))
+            noise = self._exponential_noise(residual, generators)
+            tokens[index] = (residual / noise).argmax(dim=-1)
+        tokens = torch.where(accepted, draft, tokens)
+        token_list = tokens.tolist()
+        return (SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params)),
+                accepted.tolist())
+
+    def _uniform(self, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+        draws = torch.rand(len(generators), generator=self.generator, device=device)
+        for i, g in enumerate(generators):
+            if g is not None:
+                draws[i] = torch.rand(1, generator=g, device=device)[0]
+        return draws
 
     def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         noise = torch.empty_like(probs)
@@ -71,6 +103,25 @@ class Sampler:
             if g is not None:
                 noise[i].exponential_(generator=g)
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _constrain(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Penalties and banned tokens, the logit edits that come before greedy or sampling."""
+    if any(row.params.uses_penalties for row in rows):
+        logits = apply_penalties(logits, rows)
+    banned = [(i, token) for i, row in enumerate(rows) for token in row.banned_token_ids]
+    if banned:
+        row_index, token_index = zip(*banned, strict=True)
+        logits = logits.index_put((torch.tensor(row_index, device=logits.device),
+                                   torch.tensor(token_index, device=logits.device)),
+                                  torch.tensor(float("-inf"), device=logits.device))
+    return logits
+
+
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k / top-p / min-p: the (unnormalized) distribution a sampled row draws from."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    return filter_probs(torch.softmax(logits / temperature[:, None], dim=-1), params)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
