@@ -35,6 +35,8 @@ class FilePlan:
     path: Path  # absolute: the server keys a file's documents by it
     documents: dict[str, str] = field(default_factory=dict)  # document id -> fingerprint
     error: str | None = None
+    characters: int = 0  # of text, what embedding costs grow with
+    bytes: int = 0  # of the file, what an upload carries
 
     @property
     def document_ids(self) -> list[str]:
@@ -57,10 +59,30 @@ def plan_files(paths: list[Path], extensions: set[str]) -> list[FilePlan]:
         if path.suffix.lower() not in extensions:
             continue
         try:
-            plans.append(FilePlan(path, {d.id: d.fingerprint for d in load_file(path) if d.text}))
+            documents = [d for d in load_file(path) if d.text]
+            plans.append(FilePlan(path, {d.id: d.fingerprint for d in documents},
+                                  characters=sum(len(d.text) for d in documents), bytes=path.stat().st_size))
         except (UnsupportedDocument, OSError) as exc:
             plans.append(FilePlan(path, error=str(exc)))
     return plans
+
+
+def upload_batches(plans: list[FilePlan], max_files: int, max_bytes: int) -> list[list[FilePlan]]:
+    """Files grouped for upload, longest text first, each group within `max_files` and `max_bytes` (a bigger
+    file goes alone). Neighbours of similar length make chunks of similar length, which the embed service
+    batches with little padding."""
+    batches: list[list[FilePlan]] = []
+    current: list[FilePlan] = []
+    size = 0
+    for plan in sorted(plans, key=lambda p: (-p.characters, str(p.path))):
+        if current and (len(current) >= max_files or size + plan.bytes > max_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(plan)
+        size += plan.bytes
+    if current:
+        batches.append(current)
+    return batches
 
 
 async def stored_fingerprints(http: httpx.AsyncClient, collection: str) -> dict[str, str]:
@@ -147,7 +169,7 @@ async def run(args: argparse.Namespace) -> Summary:
             return summary
         options = {k: str(v) for k, v in (("chunk_size", args.chunk_size), ("chunk_overlap", args.chunk_overlap))
                    if v is not None}
-        batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+        batches = upload_batches(todo, args.batch_size, args.batch_mib * 1024 * 1024)
         gate = asyncio.Semaphore(args.concurrency)
         with tqdm(total=len(todo), unit="file", desc="files") as files_bar, \
                 tqdm(unit="chunk", desc="chunks", position=1) as chunks_bar:
@@ -176,13 +198,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ext", action="append", help="only these extensions (repeatable), e.g. --ext pdf")
     parser.add_argument("--chunk-size", type=int, help="tokens per chunk (server default 512, capped at the model's)")
     parser.add_argument("--chunk-overlap", type=int, help="overlap in tokens (server default 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="files per upload request")
-    parser.add_argument("--concurrency", type=int, default=2, help="upload requests in flight")
+    parser.add_argument("--batch-size", type=int, default=32, help="most files per upload request")
+    parser.add_argument("--batch-mib", type=float, default=8.0,
+                        help="most MiB of files per upload request (a bigger file goes alone; the server refuses "
+                             "bodies over its RETRIEVER_MAX_BODY_BYTES, 16 MiB by default)")
+    parser.add_argument("--concurrency", type=int, default=4, help="upload requests in flight")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per upload request")
     parser.add_argument("--dry-run", action="store_true", help="show what would be uploaded; change nothing")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.concurrency < 1:
-        parser.error("--batch-size and --concurrency must be at least 1")
+    if args.batch_size < 1 or args.concurrency < 1 or args.batch_mib <= 0:
+        parser.error("--batch-size and --concurrency must be at least 1, --batch-mib above 0")
     return args
 
 

@@ -60,7 +60,8 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
         "llm": ReplicaPool("llm", split_urls(settings.llm_url), balance=settings.llm_balance,
                            api_key=settings.api_key, timeout=settings.llm_timeout, retries=1),
     }
-    embedder = EmbeddingClient(clients["embed"], settings.embed_model, settings.embed_batch_size)
+    embedder = EmbeddingClient(clients["embed"], settings.embed_model, settings.embed_batch_size,
+                               settings.embed_concurrency)
     reranker = RerankClient(clients["rerank"], settings.rerank_model)
     tokenizer_dir = Path(settings.tokenizer) if settings.tokenizer else bundled_embedding_model()
     load_limits = LoadLimits(max_pdf_pages=settings.max_pdf_pages, pdf_parse_seconds=settings.pdf_parse_seconds)

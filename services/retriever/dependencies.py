@@ -6,6 +6,7 @@ Model ids come from settings or, when empty, from each service's `/v1/models` (a
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -46,24 +47,48 @@ class _ModelDiscovery:
 
 
 class EmbeddingClient:
-    def __init__(self, client: ServiceClient | ReplicaPool, model: str = "", batch_size: int = 64) -> None:
-        self.client, self.batch_size = client, batch_size
+    """Vectors from the embed service. Texts go in requests of `batch_size`, up to `concurrency` at once, so the
+    service's batcher sees them together (it sorts by length before batching); vectors come back as base64."""
+
+    def __init__(self, client: ServiceClient | ReplicaPool, model: str = "", batch_size: int = 64,
+                 concurrency: int = 4) -> None:
+        assert batch_size > 0 and concurrency > 0
+        self.client, self.batch_size, self.concurrency = client, batch_size, concurrency
         self.models = _ModelDiscovery(client, model)
 
     async def embed(self, texts: list[str], input_type: str) -> np.ndarray:
-        """One float32 row per text; batches are sent one after the other (the embed service batches inside)."""
+        """One float32 row per text, in the order given."""
+        if not texts:
+            return np.zeros((0, 0), np.float32)
         model = await self.models.model()
-        rows: list[list[float]] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = texts[start:start + self.batch_size]
-            body = {"input": batch, "model": model, "input_type": input_type, "encoding_format": "float",
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def embed_batch(batch: list[str]) -> np.ndarray:
+            body = {"input": batch, "model": model, "input_type": input_type, "encoding_format": "base64",
                     "truncate": "END"}
-            reply = await self.client.post_json("/v1/embeddings", body, idempotent=True)
-            data = sorted(reply["data"], key=lambda item: item["index"])
-            if len(data) != len(batch):
-                raise DependencyError(self.client.name, f"returned {len(data)} embeddings for {len(batch)} inputs")
-            rows.extend(item["embedding"] for item in data)
-        return np.asarray(rows, dtype=np.float32)
+            async with gate:
+                reply = await self.client.post_json("/v1/embeddings", body, idempotent=True)
+            return self._rows(reply, len(batch))
+
+        batches = [texts[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
+        return np.concatenate(await asyncio.gather(*(embed_batch(batch) for batch in batches)))
+
+    def _rows(self, reply: dict, expected: int) -> np.ndarray:
+        data = sorted(reply.get("data") or [], key=lambda item: item["index"])
+        if len(data) != expected:
+            raise DependencyError(self.client.name, f"returned {len(data)} embeddings for {expected} inputs")
+        rows = [decode_embedding(item["embedding"]) for item in data]
+        if len({row.shape for row in rows}) != 1:
+            raise DependencyError(self.client.name, "returned embeddings of different lengths")
+        return np.stack(rows)
+
+
+def decode_embedding(value: str | list[float]) -> np.ndarray:
+    """An embedding as sent: base64 of little-endian float32 (OpenAI's format), or a float list from a server
+    that ignores `encoding_format`."""
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value), dtype="<f4").astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
 
 
 class RerankClient:

@@ -57,7 +57,9 @@ class RetrieverSettings(ServiceSettings):
                                                         "refused)")
     vdb_top_k: int = Field(40, description="default number of candidates retrieved before reranking")
     reranker_top_k: int = Field(8, description="default number of chunks kept after reranking")
-    embed_batch_size: int = Field(64, description="texts per embeddings request during ingestion")
+    embed_batch_size: int = Field(64, gt=0, description="texts per embeddings request during ingestion")
+    embed_concurrency: int = Field(4, gt=0, description="embeddings requests one ingestion keeps in flight (the "
+                                                        "embed service batches what arrives together)")
     embed_timeout: float = Field(120.0, description="seconds before an embeddings request fails")
     rerank_timeout: float = Field(60.0, description="seconds before a ranking request fails")
     llm_timeout: float = Field(300.0, description="seconds before an LLM request fails")
