@@ -65,9 +65,10 @@ def main() -> None:
                              ngram_max=args.ngram_max, draft_model=args.draft_model)
     off, on = build(args, SpeculativeConfig()), build(args, spec)
     tokenizer = off.tokenizer
-    prompts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
-               for p in squad_rag_prompts(args.num_questions, args.num_sources)]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    # Rendered and encoded the way the server's chat route does it.
+    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+             for p in squad_rag_prompts(args.num_questions, args.num_sources)]
+    prompts = [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     for engine in (off, on):  # the same untimed warm-up for both
         engine.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
