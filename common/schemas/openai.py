@@ -279,6 +279,20 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class LoadLoRAAdapterRequest(StrictRequest):
+    """vLLM's `/v1/load_lora_adapter`: a PEFT adapter directory on the server, served under `lora_name`."""
+
+    lora_name: str = Field(min_length=1, description="the model id requests use to pick the adapter")
+    lora_path: str = Field(min_length=1, description="the adapter's directory on the server")
+
+
+class UnloadLoRAAdapterRequest(StrictRequest):
+    """vLLM's `/v1/unload_lora_adapter`."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = Field(None, description="accepted for vLLM clients and ignored")
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's `/tokenize`: a prompt, or chat messages rendered with the chat template."""
 

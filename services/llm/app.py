@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -40,16 +40,19 @@ from common.schemas.openai import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     PromptTokensDetails,
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprobEntry,
     TopLogprob,
+    UnloadLoRAAdapterRequest,
     Usage,
     new_id,
 )
 from common.service import ModelCard, create_app
+from services.llm.lora_adapters import parse_lora_modules
 from services.llm.serving import ChoiceDelta, GenerationUpdate, ServingLoop, ServingMetrics
 from services.llm.settings import LLMSettings
 
@@ -65,7 +68,8 @@ def served_model_id(settings: LLMSettings, model: str) -> str:
     return path.name if path.exists() else model
 
 
-def load_engine(settings: LLMSettings, model: str) -> Any:
+def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str]) -> Any:
+    """The engine, with the LoRA adapters of LLM_LORA_MODULES loaded."""
     from services.llm.engine import EngineConfig, LLMEngine
     from services.llm.speculative import SpeculativeConfig
 
@@ -79,8 +83,21 @@ def load_engine(settings: LLMSettings, model: str) -> Any:
                           long_prefill_token_threshold=settings.long_prefill_token_threshold,
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
-                          speculative=speculative)
-    return LLMEngine(config)
+                          speculative=speculative, max_loras=lora_slots(settings, lora_modules),
+                          max_lora_rank=settings.max_lora_rank)
+    engine = LLMEngine(config)
+    for name, path in lora_modules.items():
+        engine.load_lora(name, path)
+    return engine
+
+
+def lora_slots(settings: LLMSettings, lora_modules: dict[str, str]) -> int:
+    if settings.max_loras:
+        if settings.max_loras < len(lora_modules):
+            raise ValueError(f"LLM_LORA_MODULES names {len(lora_modules)} adapters but LLM_MAX_LORAS is "
+                             f"{settings.max_loras}")
+        return settings.max_loras
+    return max(4, len(lora_modules)) if lora_modules else 0
 
 
 class LLMService:
@@ -90,6 +107,9 @@ class LLMService:
         self.settings = settings
         self.model_path = resolve_model(settings.model, bundled_llm() if not settings.model else None)
         self.model_id = served_model_id(settings, self.model_path)
+        self.lora_modules = parse_lora_modules(settings.lora_modules)
+        if self.model_id in self.lora_modules:
+            raise ValueError(f"LoRA module name {self.model_id!r} is the base model's id")
         self.readiness = readiness
         self.metrics = metrics
         self.serving: ServingLoop | None = None
@@ -97,7 +117,7 @@ class LLMService:
     async def load(self) -> None:
         log.info("loading model %s", self.model_path)
         try:
-            engine = await asyncio.to_thread(load_engine, self.settings, self.model_path)
+            engine = await asyncio.to_thread(load_engine, self.settings, self.model_path, self.lora_modules)
         except Exception as exc:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
@@ -133,11 +153,47 @@ class LLMService:
             spec = engine.config.speculative
             metadata["speculative"] = {"method": spec.method, "num_tokens": spec.num_tokens} if spec.enabled \
                 else {"method": "off"}
-        return [ModelCard(self.model_id, metadata=metadata)]
+            metadata["max_loras"] = engine.config.max_loras
+            adapters = engine.lora_adapters()
+        else:
+            adapters = []
+        cards = [ModelCard(self.model_id, metadata=metadata)]
+        cards += [ModelCard(a.name, metadata={"root": a.path, "parent": self.model_id, "lora_rank": a.rank})
+                  for a in adapters]
+        return cards
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_id:
-            raise not_found(f"model {model!r} does not exist; this server serves {self.model_id!r}", param="model")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter the request's `model` names, or None for the base model."""
+        if model is None or model == self.model_id:
+            return None
+        if self.serving is not None and any(a.name == model for a in self.loop().engine.lora_adapters()):
+            return model
+        raise not_found(f"model {model!r} does not exist; this server serves {self.model_id!r}"
+                        + (" and its LoRA adapters (see /v1/models)" if self.lora_enabled else ""), param="model")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.serving is not None and self.loop().engine.loras is not None
+
+    async def load_lora(self, name: str, path: str) -> None:
+        engine = self.loop().engine
+        if not self.lora_enabled:
+            raise bad_request("LoRA is off on this server: start it with LLM_MAX_LORAS > 0 or LLM_LORA_MODULES")
+        if name == self.model_id:
+            raise bad_request(f"{name!r} is the base model's id", "lora_name")
+        try:
+            await asyncio.to_thread(engine.load_lora, name, path)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    async def unload_lora(self, name: str) -> None:
+        engine = self.loop().engine
+        if not any(a.name == name for a in engine.lora_adapters()):
+            raise not_found(f"no LoRA adapter named {name!r} is loaded", "lora_name")
+        try:
+            await asyncio.to_thread(engine.unload_lora, name)
+        except ValueError as exc:
+            raise bad_request(str(exc), "lora_name") from exc
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -313,7 +369,7 @@ def build_app(settings: LLMSettings) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        service.check_model(body.model)
+        lora = service.check_model(body.model)
         loop = service.loop()
         prompts = []
         for position, prompt in enumerate(body.prompts):
@@ -325,8 +381,8 @@ def build_app(settings: LLMSettings) -> FastAPI:
         params = [service.sampling_params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
         loop.check_accepting(len(prompts) * body.n)
         stop = body.stop_strings
-        model = service.model_id
-        streams = [loop.generate(p, sp, stop) for p, sp in zip(prompts, params, strict=True)]
+        model = lora or service.model_id
+        streams = [loop.generate(p, sp, stop, lora) for p, sp in zip(prompts, params, strict=True)]
 
         def choice_index(position: int, delta: ChoiceDelta) -> int:
             return position * body.n + delta.index
@@ -379,14 +435,14 @@ def build_app(settings: LLMSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        service.check_model(body.model)
+        lora = service.check_model(body.model)
         loop = service.loop()
         prompt = service.encode_chat(body.messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling_params(body, len(prompt), body.answer_limit, top)
         loop.check_accepting(body.n)
-        stream = loop.generate(prompt, params, body.stop_strings)
-        model = service.model_id
+        stream = loop.generate(prompt, params, body.stop_strings, lora)
+        model = lora or service.model_id
 
         if body.stream:
             response_id = new_id("chatcmpl")
@@ -429,6 +485,16 @@ def build_app(settings: LLMSettings) -> FastAPI:
             return ChatCompletionResponse(model=model, choices=choices, usage=usage)
 
         return await _unless_disconnected(request, collect)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> str:
+        await service.load_lora(body.lora_name, body.lora_path)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> str:
+        await service.unload_lora(body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -200,6 +200,7 @@ class _AddRequest:
     prompt_token_ids: list[int]
     params: Any
     arrival_time: float
+    lora_name: str | None
 
 
 @dataclass(slots=True)
@@ -269,9 +270,10 @@ class ServingLoop:
             raise APIError(429, f"too many requests: {self.in_flight} in flight, limit {self.capacity}; "
                                 "retry later")
 
-    async def generate(self, prompt_token_ids: list[int], params: Any, stop_strings: Sequence[str] = ()
-                       ) -> AsyncIterator[GenerationUpdate]:
-        """Updates for one request until it finishes. Closing the iterator early aborts the request."""
+    async def generate(self, prompt_token_ids: list[int], params: Any, stop_strings: Sequence[str] = (),
+                       lora_name: str | None = None) -> AsyncIterator[GenerationUpdate]:
+        """Updates for one request (under the LoRA adapter `lora_name`, if given) until it finishes. Closing the
+        iterator early aborts the request."""
         sequences = max(1, int(getattr(params, "n", 1)))
         self.check_accepting(sequences)
         request_id = uuid.uuid4().hex
@@ -282,7 +284,7 @@ class ServingLoop:
         finish_reason = "abort"
         self._streams[request_id] = stream
         self.in_flight += sequences
-        self._send(_AddRequest(request_id, prompt_token_ids, params, time.time()))
+        self._send(_AddRequest(request_id, prompt_token_ids, params, time.time(), lora_name))
         try:
             async with asyncio.timeout(self.request_timeout):
                 while True:
@@ -378,7 +380,7 @@ class ServingLoop:
             return
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                    arrival_time=command.arrival_time)
+                                    arrival_time=command.arrival_time, lora_name=command.lora_name)
         except ValueError as exc:
             stream.put(APIError(400, str(exc)))
 

@@ -42,3 +42,9 @@ class LLMSettings(ServiceSettings):
     speculative_draft_model: str = Field("", description="draft model directory or .gguf (method draft)")
     speculative_max_batch: int = Field(0, ge=0, description="no drafts while more sequences than this run, where "
                                        "verification costs more than it saves (0: no limit)")
+    lora_modules: str = Field("", description="LoRA adapters (PEFT directories) to load at start, as "
+                              "name=path,name=path; a request picks one with its 'model' field")
+    max_loras: int = Field(0, ge=0, description="LoRA adapter slots, loaded at start or through "
+                           "/v1/load_lora_adapter (0: as many as LLM_LORA_MODULES names, at least 4, or LoRA off "
+                           "when it names none)")
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have")

@@ -4,6 +4,7 @@ A full block is identified by a SHA-256 hash chained over every token up to its 
 to equal blocks and different ones never meet (a collision would serve one request another prompt's KV).
 Freed blocks keep their contents and hash in the free queue; they are reused by a matching prefix for free,
 and evicted oldest-first only when a fresh block is needed.
+A request's cache salt (its LoRA adapter's) starts the chain, so KV computed under different weights never meets.
 """
 
 from __future__ import annotations
@@ -145,4 +146,5 @@ class BlockManager:
         hashes = seq.block_hashes
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else None, seq.token_ids[i * size:(i + 1) * size]))
+            parent = hashes[-1] if hashes else seq.request.cache_salt
+            hashes.append(chain_hash(parent, seq.token_ids[i * size:(i + 1) * size]))

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -24,7 +25,9 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
+from services.llm.layers.lora import add_lora_layers
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from services.llm.lora_adapters import LoRAAdapter, LoRAAdapters, read_peft_adapter
 from services.llm.speculative import SpeculativeConfig, build_proposer
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class EngineConfig:
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs where the hardware profile allows
     num_kv_blocks: int | None = None  # a fixed KV pool size in blocks, on any device (tests, benchmarks)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    max_loras: int = 0  # LoRA adapter slots (0: no LoRA layers at all)
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -62,6 +67,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
 
 
 class LLMEngine:
@@ -78,6 +85,11 @@ class LLMEngine:
         self.dtype = self.hardware.dtype
         self.block_size = config.block_size or self.hardware.kv_block_size
         loaded = load_model(config.model, self.device, self.dtype)
+        self.loras: LoRAAdapters | None = None
+        lora_batch = None
+        if config.max_loras:
+            lora_batch, lora_layers = add_lora_layers(loaded.model, config.max_loras, config.max_lora_rank)
+            self.loras = LoRAAdapters(lora_layers, config.max_loras)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -91,8 +103,10 @@ class LLMEngine:
         proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
-                                  num_blocks, self.eos_token_ids, config.seed, proposer)
-        if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs:
+                                  num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch)
+        # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
+        if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
+                and self.loras is None:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -110,14 +124,17 @@ class LLMEngine:
     # ---- public API -------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_name: str | None = None) -> None:
+        """`lora_name`: a loaded LoRA adapter to generate with (None: the base model)."""
         params.validate()
         self._validate_prompt(prompt_token_ids, params)
         with self._lock:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            lora = self._lora(lora_name) if lora_name is not None else None
             request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params,
-                              timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.time()))
+                              timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.time()),
+                              lora=lora)
             for index in range(params.n):
                 request.seqs.append(self._new_sequence(request, index))
             first, *siblings = request.seqs
@@ -167,6 +184,31 @@ class LLMEngine:
                 request.timings.finished = time.time()
                 self._abort_outputs.append(self._request_output(request))
 
+    def load_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Loads a PEFT LoRA adapter into a free slot; requests name it to use it."""
+        if self.loras is None:
+            raise ValueError("LoRA is not enabled on this engine (max_loras is 0)")
+        if name == self.model_name:
+            raise ValueError(f"a LoRA adapter cannot take the base model's name {name!r}")
+        peft = read_peft_adapter(Path(path))  # the disk read happens outside the lock: steps go on meanwhile
+        with self._lock:
+            adapter = self.loras.load(name, path, peft)
+        log.info("loaded LoRA adapter %r (rank %d) from %s into slot %d", name, adapter.rank, path, adapter.slot)
+        return adapter
+
+    def unload_lora(self, name: str) -> None:
+        """Frees an adapter's slot. Refused while requests for it are in the engine."""
+        with self._lock:
+            adapter = self._lora(name)
+            users = sum(1 for request in self.requests.values() if request.lora is adapter)
+            if users:
+                raise ValueError(f"LoRA adapter {name!r} is in use by {users} request(s); unload it when they finish")
+            self.loras.unload(name)  # type: ignore[union-attr]
+        log.info("unloaded LoRA adapter %r", name)
+
+    def lora_adapters(self) -> list[LoRAAdapter]:
+        return list(self.loras.adapters.values()) if self.loras is not None else []
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._abort_outputs) or bool(self._pending_aborts)
 
@@ -182,16 +224,18 @@ class LLMEngine:
                            spec_accepted_tokens_total=self.accepted_tokens_total)
 
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Offline: runs the prompts to completion, returns their final outputs in prompt order."""
+                 use_tqdm: bool = True, lora_names: list[str | None] | None = None) -> list[RequestOutput]:
+        """Offline: runs the prompts to completion (each with its LoRA adapter, if `lora_names` names one),
+        returns their final outputs in prompt order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        loras = lora_names if lora_names is not None else [None] * len(prompts)
         batch_id = next(self._seq_ids)
         ids = [f"generate-{batch_id}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+        for request_id, prompt, p, lora in zip(ids, prompts, params_list, loras, strict=True):
             token_ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
-            self.add_request(request_id, token_ids, p)
+            self.add_request(request_id, token_ids, p, lora_name=lora)
         wanted = set(ids)
         finals: dict[str, RequestOutput] = {}
         logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
@@ -215,6 +259,12 @@ class LLMEngine:
         return [finals[request_id] for request_id in ids]
 
     # ---- internals --------------------------------------------------------------------------------------
+
+    def _lora(self, name: str) -> LoRAAdapter:
+        adapter = self.loras.get(name) if self.loras is not None else None
+        if adapter is None:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        return adapter
 
     def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:

@@ -23,6 +23,7 @@ from services.llm.engine.sequence import Sequence
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.layers.attention import AttentionMetadata
+from services.llm.layers.lora import LoRABatch
 from services.llm.layers.sampler import Sampler, SamplingRow
 from services.llm.speculative import Proposer
 
@@ -116,7 +117,7 @@ def decode_graph_buffers(max_batch: int, max_blocks: int, device: torch.device) 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
-                 proposer: Proposer | None = None) -> None:
+                 proposer: Proposer | None = None, lora_batch: LoRABatch | None = None) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
@@ -127,6 +128,7 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.decode_graphs: DecodeGraphRunner | None = None
         self.proposer = proposer
+        self.lora_batch = lora_batch  # the LoRA layers' step mapping, when the model has them
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
@@ -218,6 +220,8 @@ class ModelRunner:
         packed = pack_step(token_lists, [seq.num_computed_tokens for seq in batch.seqs],
                            [seq.block_table for seq in batch.seqs], self.block_size, self.kv_bytes_per_token,
                            self.device)
+        if self.lora_batch is not None:
+            self._bind_loras(batch.seqs, [len(tokens) for tokens in token_lists])
         step = StepOutput(num_computed=[len(tokens) for tokens in token_lists])
         logit_rows: list[int] = []
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
@@ -229,6 +233,21 @@ class ModelRunner:
                 step.positions.append(i)
         rows = torch.tensor(logit_rows, dtype=torch.long).to(self.device)
         return packed.input_ids, packed.positions, packed.meta, rows, step
+
+    def _bind_loras(self, seqs: list[Sequence], q_lens: list[int]) -> None:
+        """Tells the LoRA layers which adapter slot each of the step's tokens uses."""
+        lora_batch = self.lora_batch
+        assert lora_batch is not None
+        seq_slots = [seq.request.lora.slot if seq.request.lora is not None else -1 for seq in seqs]
+        used = sorted({slot for slot in seq_slots if slot >= 0})
+        if not used:
+            lora_batch.slots = lora_batch.mask = None
+            return
+        column = [used.index(slot) if slot >= 0 else -1 for slot in seq_slots]
+        token_column = torch.repeat_interleave(torch.tensor(column), torch.tensor(q_lens))
+        mask = token_column[:, None] == torch.arange(len(used))[None, :]
+        lora_batch.slots = torch.tensor(used, dtype=torch.long, device=self.device)
+        lora_batch.mask = mask.to(device=self.device, dtype=self.dtype)[:, :, None]
 
     def _sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
         """`ahead`: how many draft tokens come before this row's token (speculation's later rows)."""

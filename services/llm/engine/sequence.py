@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.llm.engine.outputs import FinishReason, RequestTimings, TokenLogprob
 from services.llm.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.llm.lora_adapters import LoRAAdapter
 
 
 class SequenceStatus(enum.Enum):
@@ -66,7 +70,13 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     held_back: list[Sequence] = field(default_factory=list)  # n > 1: siblings wait for the first one's prompt
     num_cached_tokens: int = 0
+    lora: LoRAAdapter | None = None  # the adapter the request generates with; None: the base model
 
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+    @property
+    def cache_salt(self) -> bytes | None:
+        """Seeds the prefix cache's block hashes: KV computed under an adapter is reused only under it."""
+        return self.lora.cache_salt if self.lora is not None else None
