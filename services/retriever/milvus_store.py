@@ -21,7 +21,6 @@ idempotent.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -91,15 +90,15 @@ def collection_key(name: str) -> int:
 def metadata_expression(metadata_filter: dict | None) -> str:
     """A Milvus filter for chunk metadata: every key must equal its value or one of `{"$in": [values]}`.
 
-    Keys and strings are JSON-quoted (Milvus reads the same escapes); `or` chains stand in for `in`, which
-    Milvus does not take on a JSON path.
+    Keys and strings are quoted by `string_literal`; `or` chains stand in for `in`, which Milvus does not take on a
+    JSON path.
     """
     if not metadata_filter:
         return ""
     clauses = []
     for key, condition in metadata_filter.items():
         values = condition["$in"] if isinstance(condition, dict) else [condition]
-        field = f"metadata[{json.dumps(str(key))}]"
+        field = f"metadata[{string_literal(str(key))}]"
         options = [f"{field} == {_literal(v)}" for v in values]
         clauses.append("(" + " or ".join(options) + ")" if options else "false")
     return " and ".join(clauses)
@@ -110,11 +109,20 @@ def _literal(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value) if not isinstance(value, str) else value)
+    return string_literal(str(value))
+
+
+# Milvus string literals know \\ \" \n \r \t but not JSON's \uXXXX (milvus-lite refuses it), so everything else,
+# non-ASCII and control characters included, is written as itself.
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def string_literal(value: str) -> str:
+    return '"' + value.translate(_ESCAPES) + '"'
 
 
 def _quoted_list(values: Iterable[str]) -> str:
-    return "[" + ",".join(json.dumps(v) for v in values) + "]"
+    return "[" + ",".join(string_literal(v) for v in values) + "]"
 
 
 class MilvusStore(VectorStore):
@@ -254,14 +262,14 @@ class MilvusStore(VectorStore):
         self.client.upsert(self._registry, [{**self._registry_row(name), "dimension": dimension}])
 
     def _registry_row(self, name: str) -> dict:
-        rows = self.client.query(self._registry, filter=f"name == {json.dumps(name)}",
+        rows = self.client.query(self._registry, filter=f"name == {string_literal(name)}",
                                  output_fields=["name", "description", "metadata", "dimension", "created"])
         if not rows:
             raise KeyError(name)
         return {**rows[0], "placeholder": _PLACEHOLDER}
 
     def collection(self, name: str) -> Collection | None:
-        rows = self.client.query(self._registry, filter=f"name == {json.dumps(name)}",
+        rows = self.client.query(self._registry, filter=f"name == {string_literal(name)}",
                                  output_fields=["name", "description", "metadata", "dimension", "created"])
         return _collection_from(rows[0]) if rows else None
 
@@ -277,7 +285,7 @@ class MilvusStore(VectorStore):
                 "index": self.index_type.lower() if collection.dimension else None}
 
     def delete_collection(self, collection: Collection) -> None:
-        self.client.delete(self._registry, filter=f"name == {json.dumps(collection.name)}")
+        self.client.delete(self._registry, filter=f"name == {string_literal(collection.name)}")
         for name in (self._chunks_of(collection.name), self._documents_of(collection.name)):
             if self.client.has_collection(name):
                 self.client.drop_collection(name)
@@ -378,9 +386,9 @@ class MilvusStore(VectorStore):
     def _delete_chunks(self, collection: Collection, document_id: str, keep_fingerprint: str | None = None) -> None:
         if not collection.dimension:
             return
-        condition = f"document_id == {json.dumps(document_id)}"
+        condition = f"document_id == {string_literal(document_id)}"
         if keep_fingerprint is not None:
-            condition += f" and fingerprint != {json.dumps(keep_fingerprint)}"
+            condition += f" and fingerprint != {string_literal(keep_fingerprint)}"
         self.client.delete(self._chunks_of(collection.name), filter=condition)
 
     def _drop_replaced(self, collection: Collection, sources: set[str],
@@ -388,7 +396,8 @@ class MilvusStore(VectorStore):
         replaced: dict[str, list[str]] = {}
         for source in sorted(sources - {""}):
             keep = {d.id for d in documents if d.source == source}
-            linked = self._all(self._documents_of(collection.name), f"array_contains(sources, {json.dumps(source)})",
+            linked = self._all(self._documents_of(collection.name),
+                               f"array_contains(sources, {string_literal(source)})",
                                ["id", "name", "metadata", "fingerprint", "sources", "num_chunks", "created"])
             for row in linked:
                 if row["id"] in keep:
@@ -411,7 +420,7 @@ class MilvusStore(VectorStore):
 
     def _delete_document(self, collection: Collection, document_id: str) -> None:
         # The document row goes first: a crash after it leaves orphan chunks, which no search returns.
-        self.client.delete(self._documents_of(collection.name), filter=f"id == {json.dumps(document_id)}")
+        self.client.delete(self._documents_of(collection.name), filter=f"id == {string_literal(document_id)}")
         self._delete_chunks(collection, document_id)
 
     def documents(self, collection: Collection, limit: int = 1000, offset: int = 0) -> list[dict]:

@@ -22,6 +22,7 @@ from services.retriever.milvus_store import (
     metadata_expression,
     milvus_name,
     stemmed_terms,
+    string_literal,
 )
 from services.retriever.store import CollectionGone, NeedsEmbedding, NewChunk, NewDocument
 from services.retriever.vector_store import VectorStore
@@ -73,6 +74,22 @@ def test_names_keys_and_expressions() -> None:
         '(metadata["team"] == "ops") and (metadata["year"] == 2023 or metadata["year"] == 2024) and '
         '(metadata["we\\"ird"] == true)')
     assert metadata_expression({"k": {"$in": []}}) == "false"
+    assert string_literal('ü "q" \\ \n\t\x07') == '"ü \\"q\\" \\\\ \\n\\t\x07"'  # no \uXXXX: Milvus lacks it
+
+
+async def test_ids_and_metadata_beyond_ascii_are_stored_found_and_deleted(milvus_kb: KnowledgeBase) -> None:
+    # Found by the schema fuzz: JSON's \uXXXX escapes in a Milvus expression were a 500 on ingest.
+    milvus_kb.create_collection("intl")
+    odd = ["ünïcode/ñ", "emoji \U0001F600", "bell\x07 and \"quote\"", "tab\tnew\nline\\"]
+    result = await milvus_kb.ingest("intl", [make_document(i, f"Document number {n} about pumps.", {"tag": i}, i)
+                                             for n, i in enumerate(odd)], chunk_size=512, chunk_overlap=128)
+    assert [o.status for o in result.documents] == ["ingested"] * len(odd)
+    for value in odd:
+        hits = await _hits(milvus_kb, "pumps", ["intl"], top_k=5, search_type="sparse", metadata_filter={"tag": value})
+        assert [h.chunk.document_id for h in hits] == [value]
+    for value in odd:
+        milvus_kb.delete_document("intl", value)
+    assert milvus_kb.documents("intl", 10, 0) == []
 
 
 @pytest.mark.parametrize("search_type", ["dense", "sparse", "hybrid"])
