@@ -108,8 +108,19 @@ def _literal(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return repr(milvus_json(value))
     return string_literal(str(value))
+
+
+def milvus_json(value: object) -> object:
+    """`value` with integers past 64 bits as floats, which Milvus JSON holds (the local store does the same)."""
+    if isinstance(value, dict):
+        return {key: milvus_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [milvus_json(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return float(value)
+    return value
 
 
 # Milvus string literals know \\ \" \n \r \t but not JSON's \uXXXX (milvus-lite refuses it), so everything else,
@@ -235,7 +246,8 @@ class MilvusStore(VectorStore):
         schema.add_field("created", DataType.DOUBLE)
         schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
         self._create(self._documents_of(name), schema, "placeholder")
-        self.client.upsert(self._registry, [{"name": name, "description": description, "metadata": metadata or {},
+        self.client.upsert(self._registry, [{"name": name, "description": description,
+                                             "metadata": milvus_json(metadata or {}),
                                              "dimension": 0, "created": created, "placeholder": _PLACEHOLDER}])
         return Collection(collection_key(name), name, description, metadata or {}, None, 0, created)
 
@@ -325,7 +337,7 @@ class MilvusStore(VectorStore):
             assert document.chunks is not None
             statuses[document.id] = "updated" if previous is not None else "ingested"
             chunk_rows.extend(self._chunk_rows(collection, document))
-            document_rows.append({"id": document.id, "name": document.name, "metadata": document.metadata,
+            document_rows.append({"id": document.id, "name": document.name, "metadata": milvus_json(document.metadata),
                                   "fingerprint": document.fingerprint, "sources": sources,
                                   "num_chunks": len(document.chunks),
                                   "created": previous["created"] if previous else now, "placeholder": _PLACEHOLDER})
@@ -369,7 +381,8 @@ class MilvusStore(VectorStore):
             terms = [stemmed_terms(c.content, self._stemmer) for c in document.chunks]
         return [{"id": chunk_key(collection.name, document.id, document.fingerprint, position),
                  "document_id": document.id, "fingerprint": document.fingerprint, "position": position,
-                 "content": chunk.content, "metadata": chunk.metadata, "terms": terms[position][:_MAX_TEXT // 4],
+                 "content": chunk.content, "metadata": milvus_json(chunk.metadata),
+                 "terms": terms[position][:_MAX_TEXT // 4],
                  "vector": vectors[position].tolist()}
                 for position, chunk in enumerate(document.chunks)]
 

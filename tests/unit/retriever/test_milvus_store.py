@@ -92,6 +92,17 @@ async def test_ids_and_metadata_beyond_ascii_are_stored_found_and_deleted(milvus
     assert milvus_kb.documents("intl", 10, 0) == []
 
 
+async def test_integers_past_64_bits_in_metadata_are_stored_and_filtered_as_floats(milvus_kb: KnowledgeBase) -> None:
+    # Found by the schema fuzz: Milvus JSON holds no integer past 64 bits; the upload was a 500.
+    milvus_kb.create_collection("big", metadata={"n": 2**70})
+    document = make_document("big.txt", "A very large serial number.", {"serial": 2**70, "nested": [{"k": -(2**64)}]})
+    assert [o.status for o in (await milvus_kb.ingest("big", [document], chunk_size=512, chunk_overlap=128)).documents
+            ] == ["ingested"]
+    hits = await _hits(milvus_kb, "serial", ["big"], top_k=5, search_type="sparse", metadata_filter={"serial": 2**70})
+    assert [h.chunk.document_name for h in hits] == ["big.txt"]
+    assert hits[0].chunk.metadata["serial"] == float(2**70)
+
+
 @pytest.mark.parametrize("search_type", ["dense", "sparse", "hybrid"])
 async def test_each_search_type_finds_the_document_with_the_answer(milvus_kb: KnowledgeBase,
                                                                   search_type: str) -> None:
