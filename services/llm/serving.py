@@ -136,6 +136,9 @@ class ServingMetrics:
         self.waiting = Gauge("llm:num_requests_waiting", "Requests waiting to be scheduled", registry=registry)
         self.kv_usage = Gauge("llm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
                               registry=registry)
+        # In blocks, so that a leak (blocks held with nothing running) reads as a count, not a rounded ratio.
+        self.kv_blocks_in_use = Gauge("llm:kv_cache_blocks_in_use", "KV-cache blocks held by live sequences",
+                                      registry=registry)
         self.prefix_queries = Counter("llm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       registry=registry)
         self.prefix_hits = Counter("llm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
@@ -164,6 +167,7 @@ class ServingMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
+        self.kv_blocks_in_use.set(stats.num_total_blocks - stats.num_free_blocks)
         for name, counter in (("prefix_cache_queries", self.prefix_queries),
                               ("prefix_cache_hits", self.prefix_hits),
                               ("num_preemptions", self.preemptions),

@@ -66,9 +66,10 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(llm_server: ServiceProcess) -
                 busy = read_metrics(llm_server.url)
                 break
     assert busy["llm:num_requests_running"] == 1 and busy["llm:kv_cache_usage_perc"] > 0, busy
+    assert busy["llm:kv_cache_blocks_in_use"] > 0, busy
     after = wait_until_idle(llm_server.url, 1.0)
     assert after["llm:num_requests_running"] == 0
-    assert after["llm:kv_cache_usage_perc"] == 0
+    assert after["llm:kv_cache_usage_perc"] == 0 and after["llm:kv_cache_blocks_in_use"] == 0
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_aborts(llm_server: ServiceProcess) -> None:
