@@ -35,6 +35,7 @@ from services.retriever.chunking import Chunker
 from services.retriever.dependencies import EmbeddingClient, LLMClient, RerankClient
 from services.retriever.knowledge_base import KnowledgeBase
 from services.retriever.loaders import LoadLimits, SourceDocument, UnsupportedDocument, load_bytes, make_document
+from services.retriever.openapi import describe_request_bodies
 from services.retriever.playground import mount_playground
 from services.retriever.rag import PreparedAnswer, RagPipeline, sse
 from services.retriever.settings import RetrieverSettings
@@ -220,6 +221,7 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
 
     app.add_api_route("/v1/generate", generate, methods=["POST"])
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
+    describe_request_bodies(app)
     return app
 
 

@@ -15,6 +15,7 @@ from langchain_core.documents import Document
 from langchain_nvidia_ai_endpoints import NVIDIARerank
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from tests.support.fuzz import fuzz_schema, load_schema
 from tests.support.processes import ServiceProcess
 from tests.unit.rerank.tiny_rerank_models import build_cross_encoder
 
@@ -166,6 +167,12 @@ def test_malformed_json_is_400(server: ServiceProcess) -> None:
                           headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
+
+
+def test_schema_fuzzing_finds_no_server_errors_and_only_clear_client_errors(server: ServiceProcess) -> None:
+    operations, findings = fuzz_schema(load_schema(server.url), server.url, max_examples=30)
+    assert {"POST /v1/ranking", "POST /v1/rerank", "GET /v1/models"} <= set(operations)
+    assert not findings, findings
 
 
 def test_a_model_that_fails_to_load_leaves_the_service_unready(tmp_path: Path) -> None:
