@@ -45,7 +45,7 @@ class ServiceProcess:
                "PYTHONUNBUFFERED": "1", **self.env}
         log_dir = self.log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
         self.log_path = log_dir / f"{self.name}-{self.port}.log"
-        log = self.log_path.open("wb")
+        log = self.log_path.open("ab")  # a restarted service keeps its earlier log
         self.process = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=ROOT, env=env,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
