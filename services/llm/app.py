@@ -84,7 +84,7 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),
-                          max_lora_rank=settings.max_lora_rank)
+                          max_lora_rank=settings.max_lora_rank, quantization=settings.quantization)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)
@@ -154,6 +154,7 @@ class LLMService:
             metadata["speculative"] = {"method": spec.method, "num_tokens": spec.num_tokens} if spec.enabled \
                 else {"method": "off"}
             metadata["max_loras"] = engine.config.max_loras
+            metadata["quantization"] = engine.config.quantization
             adapters = engine.lora_adapters()
         else:
             adapters = []

@@ -48,3 +48,5 @@ class LLMSettings(ServiceSettings):
                            "/v1/load_lora_adapter (0: as many as LLM_LORA_MODULES names, at least 4, or LoRA off "
                            "when it names none)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have")
+    quantization: str = Field("none", description="weight format of the decoder layers' projections: none (the "
+                              "dtype's) or int8 (weight-only, per output channel; on CPU a faster decode in bf16)")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from services.llm.layers.int8_linear import Int8Linear
+
 
 @dataclass(slots=True)
 class LoRABatch:
@@ -27,16 +29,18 @@ class LoRABatch:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, batch: LoRABatch, max_loras: int, max_rank: int, parts: list[int]) -> None:
+    def __init__(self, base: nn.Linear | Int8Linear, batch: LoRABatch, max_loras: int, max_rank: int,
+                 parts: list[int]) -> None:
         super().__init__()
         assert sum(parts) == base.out_features
         self.base, self.batch, self.parts, self.max_rank = base, batch, parts, max_rank
-        weight = base.weight
+        dtype = base.dtype if isinstance(base, Int8Linear) else base.weight.dtype
+        device = next(base.parameters()).device
         rank_rows = len(parts) * max_rank
-        self.lora_a = nn.Parameter(torch.zeros(max_loras, rank_rows, base.in_features, dtype=weight.dtype,
-                                               device=weight.device), requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(max_loras, rank_rows, base.out_features, dtype=weight.dtype,
-                                               device=weight.device), requires_grad=False)
+        self.lora_a = nn.Parameter(torch.zeros(max_loras, rank_rows, base.in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(max_loras, rank_rows, base.out_features, dtype=dtype, device=device),
+                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
