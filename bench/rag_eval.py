@@ -2,7 +2,9 @@
 
 SciFact (BEIR): nDCG@10 of dense, sparse, hybrid and hybrid+rerank search over the 5,183-abstract corpus,
 plus ingestion throughput. SQuAD v1.1 (articles 0-23): retrieval hit@k and answer EM/F1 for a subset of
-questions, next to the EM/F1 the same LLM gets when handed the gold paragraph (the ceiling).
+questions, next to the EM/F1 the same LLM gets from the same prompt holding only the gold paragraph (the ceiling;
+the system prompt and answer instruction are this checkout's RETRIEVER_* settings, so give the same ones to a
+retriever passed with --retriever-url).
 
     python bench/rag_eval.py                       # starts the services itself on loopback
     python bench/rag_eval.py --retriever-url http://127.0.0.1:8080 --llm-url http://127.0.0.1:8000
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.report import print_table, save_result  # noqa: E402
-from services.retriever.rag import QUESTION_TEMPLATE  # noqa: E402
+from services.retriever.prompt import rag_messages, source_block  # noqa: E402
 from services.retriever.settings import RetrieverSettings  # noqa: E402
 from tests.support.processes import ServiceProcess  # noqa: E402
 
@@ -181,7 +183,7 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
     throughput = await ingest(http, "squad", paragraphs, args.keep)
     random.Random(0).shuffle(questions)
     questions = questions[:args.squad_questions]
-    system = RetrieverSettings().system_prompt
+    settings = RetrieverSettings()
 
     async def evaluate(item: tuple) -> dict:
         doc_id, context, question, answers = item
@@ -192,19 +194,24 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
             "max_tokens": 32, "reranker_top_k": args.hit_k, "enable_reranker": False})
         reply.raise_for_status()
         answer = reply.json()["choices"][0]["message"]["content"]
-        gold_prompt = QUESTION_TEMPLATE.format(sources=f"[1] ({doc_id}) {context}", question=question)
-        ceiling = await llm.post("/v1/chat/completions", json={
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": gold_prompt}],
-            "temperature": 0, "max_tokens": 32})
+        sources = reply.json()["citations"]["total_results"]
+        # the ceiling: the retriever's own prompt, holding the gold paragraph as its only source
+        gold_prompt = rag_messages(settings.system_prompt, [], [source_block(1, context)], question,
+                                   settings.answer_instruction)
+        ceiling = await llm.post("/v1/chat/completions", json={"messages": gold_prompt, "temperature": 0,
+                                                                "max_tokens": 32})
         ceiling.raise_for_status()
         gold_answer = ceiling.json()["choices"][0]["message"]["content"]
-        return {"hit": hit, "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
+        return {"hit": hit, "sources": sources, "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
                 "ceiling_em": exact_match(gold_answer, answers), "ceiling_f1": f1_score(gold_answer, answers)}
 
     rows = await gather_bounded(questions, evaluate, 2, "squad")
-    mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("hit", "em", "f1", "ceiling_em", "ceiling_f1")}
+    mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
     return {"questions": len(rows), f"hit@{args.hit_k}": mean["hit"], "rag": {"em": mean["em"], "f1": mean["f1"]},
             "gold_paragraph": {"em": mean["ceiling_em"], "f1": mean["ceiling_f1"]},
+            "rag_f1_over_gold_f1": mean["f1"] / mean["ceiling_f1"] if mean["ceiling_f1"] else None,
+            "sources_per_answer": mean["sources"], "prompt": {"system": settings.system_prompt,
+                                                              "answer_instruction": settings.answer_instruction},
             "paragraphs": len(paragraphs), "ingestion": throughput}
 
 
@@ -273,7 +280,9 @@ def main() -> None:
         rows += [[f"SQuAD hit@{args.hit_k}", sq[f"hit@{args.hit_k}"], ""],  # type: ignore[index]
                  ["SQuAD RAG EM / F1", f"{sq['rag']['em']:.3f} / {sq['rag']['f1']:.3f}", ""],  # type: ignore[index]
                  ["SQuAD gold-paragraph EM / F1 (ceiling)", "",
-                  f"{sq['gold_paragraph']['em']:.3f} / {sq['gold_paragraph']['f1']:.3f}"]]  # type: ignore[index]
+                  f"{sq['gold_paragraph']['em']:.3f} / {sq['gold_paragraph']['f1']:.3f}"],  # type: ignore[index]
+                 ["SQuAD RAG F1 / gold-paragraph F1", sq["rag_f1_over_gold_f1"], ""],  # type: ignore[index]
+                 ["SQuAD sources per RAG answer", sq["sources_per_answer"], ""]]  # type: ignore[index]
     print_table("RAG evaluation (REST API, default models)", ["metric", "ours", "reference"], rows)
     # a SQuAD-only run must not overwrite the SciFact record written under "rag_eval"
     name = "rag_eval" if "scifact" in results else "rag_eval_squad"

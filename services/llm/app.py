@@ -113,6 +113,7 @@ class LLMService:
         self.readiness = readiness
         self.metrics = metrics
         self.serving: ServingLoop | None = None
+        self.parameters = 0  # the model's parameter count once loaded: clients size their prompts by it
 
     async def load(self) -> None:
         log.info("loading model %s", self.model_path)
@@ -122,6 +123,7 @@ class LLMService:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
             return
+        self.parameters = sum(p.numel() for p in engine.runner.model.parameters())
         self.serving = ServingLoop(engine, max_num_seqs=self.settings.max_num_seqs,
                                    max_waiting=self.settings.max_waiting,
                                    request_timeout=self.settings.request_timeout, metrics=self.metrics,
@@ -146,6 +148,7 @@ class LLMService:
         metadata: dict[str, object] = {"root": self.model_path}
         if self.serving is not None:
             metadata["max_model_len"] = self.max_model_len
+            metadata["parameters"] = self.parameters
             engine = self.loop().engine
             # The profile says what the device allows; whether graphs were captured is the runner's to say.
             metadata["hardware"] = {**engine.hardware.describe(),

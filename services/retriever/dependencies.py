@@ -143,6 +143,11 @@ class LLMClient:
             self._max_model_len = int(length)
         return self._max_model_len
 
+    async def parameters(self) -> int | None:
+        """The model's parameter count, when its card says (ours does; a plain OpenAI endpoint may not)."""
+        count = (await self.models.card()).get("parameters")
+        return int(count) if isinstance(count, int | float) and count > 0 else None
+
     async def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text (no special tokens), asked concurrently."""
         if not await self._tokenize_available():

@@ -1,7 +1,7 @@
 """Answering with retrieval: query → candidates → optional rerank → a prompt that fits the LLM → the answer.
 
-The prompt keeps what repeats across requests first and byte-identical, so the LLM's prefix cache hits:
-[system: fixed instructions] [earlier turns, oldest dropped first if needed] [user: numbered sources + question].
+The prompt's layout and which sources it takes are in prompt.py; here the earlier turns (oldest dropped first if
+needed) and the sources are fitted to the LLM's context and to what the model reads well.
 
 A dependency down degrades the answer instead of failing it where it can (see KnowledgeBase.search), and the
 answer carries `warnings` saying what was left out. The whole answer runs under one deadline.
@@ -22,11 +22,10 @@ from common.errors import APIError, bad_request
 from common.schemas.retriever import Citation, Citations, GenerateRequest
 from services.retriever.dependencies import LLMClient, RerankClient
 from services.retriever.knowledge_base import Hit, KnowledgeBase
+from services.retriever.prompt import rag_messages, source_block, source_budget, sources_that_fit
 
 log = logging.getLogger(__name__)
 
-QUESTION_TEMPLATE = "Sources:\n{sources}\n\nQuestion: {question}"
-NO_SOURCES = "(no sources found)"
 _TEMPLATE_MARGIN = 16  # tokens for separators the per-piece counts do not see
 _T = TypeVar("_T")
 
@@ -40,18 +39,13 @@ class PreparedAnswer:
     affinity: str | None = None  # the sources at the head of the prompt: answers over them share an LLM replica
 
 
-def source_block(number: int, hit: Hit) -> str:
-    page = hit.chunk.metadata.get("page")
-    where = f"{hit.chunk.document_name}, page {page}" if page is not None else hit.chunk.document_name
-    return f"[{number}] ({where}) {hit.chunk.content}"
-
-
 class RagPipeline:
     def __init__(self, knowledge_base: KnowledgeBase, llm: LLMClient, reranker: RerankClient | None, *,
                  system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int,
-                 deadline: float = 600.0) -> None:
+                 answer_instruction: str = "", source_tokens: int = 0, deadline: float = 600.0) -> None:
         self.kb, self.llm, self.reranker = knowledge_base, llm, reranker
-        self.system_prompt = system_prompt
+        self.system_prompt, self.answer_instruction = system_prompt, answer_instruction
+        self.source_tokens = source_tokens  # 0: by the LLM's size
         self.vdb_top_k, self.reranker_top_k = vdb_top_k, reranker_top_k
         self.default_max_tokens = default_max_tokens
         self.deadline = deadline
@@ -131,13 +125,12 @@ class RagPipeline:
 
     async def _fit(self, question: str, history: list[dict], hits: list[Hit],
                    max_tokens: int) -> tuple[list[dict], list[Hit]]:
-        """As many sources as fit the context after the system prompt, the conversation and the answer."""
+        """The best sources that fit the context after the system prompt, the conversation and the answer, and
+        that the model reads well (its source budget)."""
         context = await self.llm.context_length()
-        system = {"role": "system", "content": self.system_prompt}
 
         def layout(turns: list[dict], sources: list[str]) -> list[dict]:
-            text = QUESTION_TEMPLATE.format(sources="\n\n".join(sources) or NO_SOURCES, question=question)
-            return [system, *turns, {"role": "user", "content": text}]
+            return rag_messages(self.system_prompt, turns, sources, question, self.answer_instruction)
 
         turns = list(history)
         while True:
@@ -149,18 +142,12 @@ class RagPipeline:
         if room < 0:
             raise bad_request(f"the question needs {base} tokens and max_tokens is {max_tokens}, but the model's "
                               f"context is {context} tokens", param="messages")
-        blocks = [source_block(n, hit) for n, hit in enumerate(hits, start=1)]
+        blocks = [source_block(n, hit.chunk.content, hit.chunk.metadata.get("page"))
+                  for n, hit in enumerate(hits, start=1)]
         costs = await self.llm.count_tokens(blocks) if blocks else []
-        used: list[Hit] = []
-        sources: list[str] = []
-        for hit, cost in zip(hits, costs, strict=True):
-            cost += 2  # the blank line between sources
-            if cost > room:
-                break
-            room -= cost
-            used.append(hit)
-            sources.append(source_block(len(used), hit))
-        return layout(turns, sources), used
+        budget = self.source_tokens or source_budget(await self.llm.parameters())
+        used = sources_that_fit(costs, room, budget)
+        return layout(turns, blocks[:used]), hits[:used]
 
     async def answer(self, prepared: PreparedAnswer) -> dict:
         reply = await self.llm.chat({**prepared.body, "messages": prepared.messages}, affinity=prepared.affinity)

@@ -69,6 +69,13 @@ class RetrieverSettings(ServiceSettings):
     llm_context_length: int = Field(0, description="LLM context in tokens when the LLM reports none (0: 4096)")
     system_prompt: str = Field(
         "You are a helpful assistant. Answer the question using only the numbered sources below. "
-        "Cite sources as [1], [2]. If the sources do not contain the answer, say you do not know.",
-        description="system prompt of RAG answers",
+        "If the sources do not contain the answer, say you do not know.",
+        description="system prompt of RAG answers (the cached head of every RAG prompt)",
     )
+    answer_instruction: str = Field(
+        "Answer with the exact words from the sources, as few as possible.",
+        description="line after the question in RAG prompts: asks the model to quote the span that answers "
+                    "(empty: none)")
+    rag_source_tokens: int = Field(
+        0, ge=0, description="most prompt tokens of sources in a RAG answer (0: by the LLM's size from its "
+                             "/v1/models `parameters`: 384 up to 0.5B, 4096 up to 3B, else all its context holds)")

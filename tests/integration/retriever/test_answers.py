@@ -108,6 +108,17 @@ def test_sources_fill_the_context_but_never_overflow_it(client: httpx.Client) ->
     assert body["usage"]["prompt_tokens"] + 300 <= CONTEXT
 
 
+def test_a_small_llm_gets_the_source_tokens_it_reads_well_not_all_that_fit(client: httpx.Client) -> None:
+    # The 135M model's card says its size; the retriever then gives it at most 384 tokens of sources, though the
+    # 1024-token context has room for about 900 here.
+    reply = client.post("/v1/chat/completions", json=_ask("Which shelf stores gaskets?", vdb_top_k=41,
+                                                          reranker_top_k=41, search_type="sparse", stop=["\n"]))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert 5 < body["citations"]["total_results"] < 41
+    assert body["usage"]["prompt_tokens"] + 32 < CONTEXT - 100
+
+
 def test_the_shared_prompt_prefix_is_reused_across_questions(client: httpx.Client) -> None:
     client.post("/v1/chat/completions", json=_ask("Which shelf stores 70 boxes?"))
     second = client.post("/v1/chat/completions", json=_ask("Where are the gaskets for shelf 3?")).json()

@@ -14,7 +14,7 @@ import pytest
 from common.http import ServiceClient
 from common.replicas import ReplicaPool, split_urls
 from services.retriever.dependencies import LLMClient
-from services.retriever.rag import QUESTION_TEMPLATE
+from services.retriever.prompt import question_message
 from services.retriever.settings import RetrieverSettings
 from tests.support.processes import ServiceProcess, free_port
 
@@ -24,10 +24,9 @@ TOPICS = ["pump", "boiler", "router", "garden", "kettle", "printer", "bicycle", 
 QUESTIONS = ["What must be done, and how often?", "Which part is named first?", "Summarise it in three words."]
 
 
-def sources(topic: str) -> str:
-    lines = [f"[{n}] ({topic}-manual.txt) The {topic} model {n} needs service step {n} after {n * 30} days; "
-             f"check the {topic} seal, the {topic} filter and the {topic} valve, in that order." for n in range(1, 6)]
-    return "\n\n".join(lines)
+def sources(topic: str) -> list[str]:
+    return [f"[{n}] ({topic}-manual.txt) The {topic} model {n} needs service step {n} after {n * 30} days; "
+            f"check the {topic} seal, the {topic} filter and the {topic} valve, in that order." for n in range(1, 6)]
 
 
 @pytest.fixture
@@ -60,8 +59,7 @@ async def ask_all(pool: ReplicaPool, topics: list[str]) -> tuple[int, int, list[
     for topic in topics:
         for question in QUESTIONS:
             messages = [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": QUESTION_TEMPLATE.format(sources=sources(topic),
-                                                                             question=question)}]
+                        {"role": "user", "content": question_message(sources(topic), question, "")}]
             before = list(pool.served)
             reply = await llm.chat({"messages": messages, "max_tokens": 1, "temperature": 0}, affinity=topic)
             replicas.append(next(i for i, (a, b) in enumerate(zip(before, pool.served, strict=True)) if b > a))

@@ -1,0 +1,55 @@
+"""The RAG prompt: which retrieved sources go in, in what order, and the words around them.
+
+What repeats across requests comes first and byte-identical, so the LLM's prefix cache hits:
+    [system: fixed instructions] [earlier turns] [user: "Sources:", the sources, the question, the answer instruction]
+Sources are numbered by rank ([1] is the best) and written best last, next to the question, where a small model
+looks. How many go in is what the context leaves after everything else and, for a small model, less: a 135M model
+answers worse from three to five SQuAD paragraphs than from two (bench/rag_eval.py --parts squad).
+"""
+
+from __future__ import annotations
+
+NO_SOURCES = "(no sources found)"
+SOURCE_SEPARATOR_TOKENS = 2  # the blank line between sources
+
+# (largest model, in parameters; most tokens of sources it answers well from). Larger models: the whole context.
+# Measured for the 135M default on SQuAD; the 3B step is a rule of thumb, not a measurement.
+SOURCE_TOKENS_BY_MODEL_SIZE = ((500_000_000, 384), (3_000_000_000, 4096))
+
+
+def source_budget(parameters: int | None) -> int | None:
+    """Most tokens of sources a model of this size answers well from; None: as many as its context holds."""
+    if not parameters:
+        return None
+    return next((tokens for largest, tokens in SOURCE_TOKENS_BY_MODEL_SIZE if parameters <= largest), None)
+
+
+def source_block(number: int, content: str, page: object = None) -> str:
+    """One source as the LLM reads it. No document name: small models copy labels into their answers, and the
+    caller gets the names in the citations, under the same numbers."""
+    return f"[{number}] (page {page}) {content}" if page is not None else f"[{number}] {content}"
+
+
+def sources_that_fit(costs: list[int], room: int, budget: int | None) -> int:
+    """How many of the best sources go in, given each one's tokens (best first): those that fit `room` (what the
+    context leaves) and `budget` (what the model reads well). The best one goes in whenever it fits the room."""
+    used = spent = 0
+    for cost in costs:
+        cost += SOURCE_SEPARATOR_TOKENS
+        if spent + cost > room or (used and budget is not None and spent + cost > budget):
+            break
+        used, spent = used + 1, spent + cost
+    return used
+
+
+def question_message(sources: list[str], question: str, instruction: str) -> str:
+    """The last user message: `sources` (best first, written best last), the question, then `instruction`."""
+    text = "Sources:\n" + ("\n\n".join(reversed(sources)) or NO_SOURCES) + f"\n\nQuestion: {question}"
+    return f"{text}\n{instruction}" if instruction else text
+
+
+def rag_messages(system_prompt: str, turns: list[dict], sources: list[str], question: str,
+                 instruction: str) -> list[dict]:
+    """The whole conversation sent to the LLM."""
+    return [{"role": "system", "content": system_prompt}, *turns,
+            {"role": "user", "content": question_message(sources, question, instruction)}]

@@ -1,0 +1,55 @@
+"""The RAG prompt's assembly: which sources go in, their order, and the fixed head every answer shares."""
+
+from __future__ import annotations
+
+from services.retriever.prompt import (
+    NO_SOURCES,
+    SOURCE_SEPARATOR_TOKENS,
+    question_message,
+    rag_messages,
+    source_block,
+    source_budget,
+    sources_that_fit,
+)
+
+SYSTEM = "Answer from the sources."
+INSTRUCTION = "Quote the answer."
+
+
+def test_a_small_model_reads_fewer_source_tokens_than_a_large_one() -> None:
+    small, mid, large = source_budget(135_000_000), source_budget(1_700_000_000), source_budget(8_000_000_000)
+    assert small is not None and mid is not None and small < mid
+    assert large is None  # as many as the context holds
+    assert source_budget(None) is None and source_budget(0) is None  # a card that does not say: no cap
+
+
+def test_sources_stop_at_the_first_that_overflows_the_room_or_the_budget() -> None:
+    costs = [100, 100, 100, 100]
+    step = 100 + SOURCE_SEPARATOR_TOKENS
+    assert sources_that_fit(costs, room=10_000, budget=None) == 4
+    assert sources_that_fit(costs, room=3 * step, budget=None) == 3
+    assert sources_that_fit(costs, room=10_000, budget=2 * step) == 2
+    assert sources_that_fit(costs, room=10_000, budget=2 * step - 1) == 1
+    assert sources_that_fit([], room=10_000, budget=None) == 0
+
+
+def test_the_best_source_goes_in_past_the_budget_but_never_past_the_room() -> None:
+    assert sources_that_fit([900, 50], room=1000, budget=384) == 1
+    assert sources_that_fit([1200, 50], room=1000, budget=384) == 0
+
+
+def test_sources_are_written_best_last_next_to_the_question_then_the_instruction() -> None:
+    blocks = [source_block(1, "best"), source_block(2, "second"), source_block(3, "third", page=7)]
+    text = question_message(blocks, "What?", INSTRUCTION)
+    assert text == ("Sources:\n[3] (page 7) third\n\n[2] second\n\n[1] best\n\n"
+                    "Question: What?\nQuote the answer.")
+    assert question_message([], "What?", "") == f"Sources:\n{NO_SOURCES}\n\nQuestion: What?"
+
+
+def test_every_answer_shares_a_byte_identical_head_for_the_prefix_cache() -> None:
+    one = rag_messages(SYSTEM, [], [source_block(1, "alpha")], "First question?", INSTRUCTION)
+    two = rag_messages(SYSTEM, [], [source_block(1, "beta"), source_block(2, "gamma")], "Second?", INSTRUCTION)
+    assert one[0] == two[0] == {"role": "system", "content": SYSTEM}
+    assert one[1]["content"].startswith("Sources:\n[") and two[1]["content"].startswith("Sources:\n[")
+    turns = [{"role": "user", "content": "Earlier."}, {"role": "assistant", "content": "Noted."}]
+    assert rag_messages(SYSTEM, turns, [], "Q?", "")[:3] == [one[0], *turns]
