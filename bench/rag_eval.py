@@ -205,7 +205,7 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
         return {"hit": hit, "sources": sources, "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
                 "ceiling_em": exact_match(gold_answer, answers), "ceiling_f1": f1_score(gold_answer, answers)}
 
-    rows = await gather_bounded(questions, evaluate, 2, "squad")
+    rows = await gather_bounded(questions, evaluate, args.squad_concurrency, "squad")
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
     return {"questions": len(rows), f"hit@{args.hit_k}": mean["hit"], "rag": {"em": mean["em"], "f1": mean["f1"]},
             "gold_paragraph": {"em": mean["ceiling_em"], "f1": mean["ceiling_f1"]},
@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--rerank-queries", type=int, default=40, help="claims scored with hybrid+rerank")
     parser.add_argument("--rerank-depth", type=int, default=20, help="hybrid candidates the reranker reorders")
     parser.add_argument("--squad-questions", type=int, default=60)
+    parser.add_argument("--squad-concurrency", type=int, default=2, help="SQuAD questions answered at once")
     parser.add_argument("--hit-k", type=int, default=5)
     parser.add_argument("--keep", action="store_true",
                         help="reuse existing collections: documents already there are skipped, not re-embedded")
