@@ -123,7 +123,8 @@ class LLMService:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
             return
-        self.parameters = sum(p.numel() for p in engine.runner.model.parameters())
+        self.parameters = sum(p.numel() for name, p in engine.runner.model.named_parameters()
+                              if not name.rpartition(".")[2].startswith("lora_"))  # the base model's, not LoRA slots
         self.serving = ServingLoop(engine, max_num_seqs=self.settings.max_num_seqs,
                                    max_waiting=self.settings.max_waiting,
                                    request_timeout=self.settings.request_timeout, metrics=self.metrics,
