@@ -2,8 +2,12 @@
 
 The LLM service serves them; the retriever reuses the chat ones for its own OpenAI-compatible
 `/v1/chat/completions` and as a client of the LLM. A request field outside the schema is a 400 naming it, as
-on OpenAI's own API: accepting `response_format` or `tools` without honouring them would silently answer
-something else than was asked. Values out of range are 400s too.
+on OpenAI's own API: accepting a field without honouring it would silently answer something else than was
+asked. Values out of range are 400s too.
+
+Structured outputs come as OpenAI's `response_format`, or vLLM's `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar` or its `structured_outputs` object, or NIM's `nvext` object; tools as
+OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def new_id(prefix: str) -> str:
@@ -29,17 +33,11 @@ def now() -> int:
 # OpenAI request fields this server does not implement, with the values that ask for nothing: sent with one of
 # these (or null) they are dropped; with anything else they are refused.
 NO_OP_VALUES: dict[str, tuple[object, ...]] = {
-    "response_format": ({"type": "text"},),
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),  # "auto" with no tools
-    "parallel_tool_calls": (True, False),  # meaningless without tools
-    "functions": ([],),
+    "functions": ([],),  # OpenAI's deprecated predecessors of tools / tool_choice
     "function_call": ("none", "auto"),
-    "logit_bias": ({},),
-    "best_of": (1,),
+    "best_of": (1,),  # on chat (completions implement it)
     "store": (False,),
     "service_tier": ("auto", "default"),
-    "tool_calls": ([],),  # on a message
 }
 
 
@@ -59,6 +57,53 @@ class StrictRequest(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = Field(False, description="send a last chunk with the request's usage")
+
+
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's named schema."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: StrictStr = Field("response", max_length=64)
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema to follow")
+    strict: StrictBool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class GuidedFields(BaseModel):
+    """vLLM's (and NIM's) constraint fields; one at most per request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    guided_json: dict[str, Any] | StrictStr | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: StrictStr | None = Field(None, description="a regex the whole output matches")
+    guided_choice: list[StrictStr] | None = Field(None, min_length=1, description="the output is one of these")
+    guided_grammar: StrictStr | None = Field(None, description="an EBNF grammar (rule `root`) the output follows")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = Field(None, min_length=1)
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
 
 
 class SamplingFields(StrictRequest):
@@ -83,6 +128,15 @@ class SamplingFields(StrictRequest):
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     user: str | None = Field(None, description="OpenAI end-user id; accepted and ignored")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100] "
+                                                                  "added to its logit")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    guided_json: dict[str, Any] | StrictStr | None = Field(None, description="vLLM: a JSON schema to follow")
+    guided_regex: StrictStr | None = Field(None, description="vLLM: a regex the output matches")
+    guided_choice: list[StrictStr] | None = Field(None, min_length=1, description="vLLM: the output is one of these")
+    guided_grammar: StrictStr | None = Field(None, description="vLLM: an EBNF grammar (rule `root`) to follow")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's structured_outputs object")
+    nvext: GuidedFields | None = Field(None, description="NIM's extension object (its guided_* fields)")
 
     @field_validator("stop")
     @classmethod
@@ -111,7 +165,9 @@ class CompletionRequest(SamplingFields):
         description="a text, a batch of texts, token ids, or a batch of token-id lists")
     logprobs: StrictInt | None = Field(None, ge=0, le=20, description="log-probabilities of this many top "
                                                                       "alternatives per token")
-    echo: StrictBool = Field(False, description="not supported; must be false")
+    echo: StrictBool = Field(False, description="put the prompt before each answer")
+    best_of: StrictInt | None = Field(None, ge=1, le=16, description="answers generated per prompt; the n with the "
+                                                                     "highest log-probability are returned")
 
     @field_validator("prompt")
     @classmethod
@@ -124,13 +180,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("token ids must be non-negative")
         if isinstance(value, list) and any(isinstance(item, list) and min(item) < 0 for item in value):
             raise ValueError("token ids must be non-negative")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
         return value
 
     @property
@@ -148,10 +197,50 @@ class TextContentPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCall(BaseModel):
+    id: StrictStr = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: StrictBool | None = Field(None, description="accepted; forced calls always follow the schema")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatMessage(StrictRequest):
     role: Role
     content: StrictStr | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: StrictStr | None = Field(None, description="a tool turn: the call it answers")
 
     @property
     def text(self) -> str:
@@ -167,6 +256,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     logprobs: StrictBool = Field(False, description="return the log-probability of each answer token")
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="alternatives per token, with logprobs")
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (default with tools), required, or a named function")
+    parallel_tool_calls: StrictBool | None = Field(None, description="allow several calls in one answer "
+                                                                     "(default: as the chat template allows)")
 
     @property
     def answer_limit(self) -> int | None:
@@ -227,6 +321,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -247,9 +342,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

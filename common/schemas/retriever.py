@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from common.schemas.openai import ChatMessage
+from common.schemas.openai import ChatMessage, ResponseFormat
 
 SearchType = Literal["dense", "sparse", "hybrid"]
 FilterValue = StrictStr | StrictInt | float | StrictBool | None
@@ -137,6 +137,8 @@ class GenerateRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
+    response_format: ResponseFormat | None = Field(None, description="passed to the LLM: a structured answer "
+                                                                     "(json_object or json_schema)")
 
     _filter = field_validator("filter")(classmethod(lambda cls, v: _check_filter(v)))
 

@@ -24,7 +24,6 @@ from common.errors import APIError, bad_request, error_body, not_found
 from common.health import Readiness
 from common.model_files import bundled_llm, resolve_model
 from common.schemas.openai import (
-    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -52,7 +51,11 @@ from common.schemas.openai import (
     new_id,
 )
 from common.service import ModelCard, create_app
+from services.llm.guided import GrammarError, GuidedDecoding
 from services.llm.lora_adapters import parse_lora_modules
+from services.llm.protocol.structured import guided_decoding
+from services.llm.protocol.tool_parsers import ToolCallFamily, tool_call_family
+from services.llm.protocol.tools import answer_parsers, plan_tools, template_message
 from services.llm.serving import ChoiceDelta, GenerationUpdate, ServingLoop, ServingMetrics
 from services.llm.settings import LLMSettings
 
@@ -114,11 +117,13 @@ class LLMService:
         self.metrics = metrics
         self.serving: ServingLoop | None = None
         self.parameters = 0  # the model's parameter count once loaded: clients size their prompts by it
+        self.tool_family: ToolCallFamily | None = None
 
     async def load(self) -> None:
         log.info("loading model %s", self.model_path)
         try:
             engine = await asyncio.to_thread(load_engine, self.settings, self.model_path, self.lora_modules)
+            self.tool_family = tool_call_family(engine.tokenizer, self.settings.tool_call_parser)
         except Exception as exc:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
@@ -159,6 +164,7 @@ class LLMService:
                 else {"method": "off"}
             metadata["max_loras"] = engine.config.max_loras
             metadata["quantization"] = engine.config.quantization
+            metadata["capabilities"] = self.capabilities()
             adapters = engine.lora_adapters()
         else:
             adapters = []
@@ -200,14 +206,33 @@ class LLMService:
         except ValueError as exc:
             raise bad_request(str(exc), "lora_name") from exc
 
+    def capabilities(self) -> dict[str, object]:
+        """What requests may ask of this server beyond plain sampling (`/v1/models`)."""
+        family = self.family()
+        return {"response_format": ["text", "json_object", "json_schema"],
+                "guided_decoding": ["guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                    "structured_outputs", "nvext"],
+                "tools": True, "tool_choice": ["none", "auto", "required", "named"],
+                "tool_call_parser": family.name, "parallel_tool_calls": family.format.parallel,
+                "logprobs": True, "echo": True, "best_of": True, "logit_bias": True, "n": True}
+
+    def family(self) -> ToolCallFamily:
+        self.loop()
+        assert self.tool_family is not None
+        return self.tool_family
+
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text} for m in messages]
+    def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        conversation, _ = self.family().prepare([template_message(m) for m in messages], None)
+        return self.encode_chat(conversation, None, add_generation_prompt)
+
+    def encode_chat(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                    add_generation_prompt: bool = True) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(conversation, tools=tools,
+                                                      add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as exc:  # jinja templates raise their own errors for conversations they refuse
             raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
         return self.encode_text(text, add_special_tokens=False)
@@ -217,8 +242,30 @@ class LLMService:
         if any(t >= vocab for t in token_ids):
             raise bad_request(f"token ids must be below the vocabulary size {vocab}", param)
 
+    def logit_bias(self, body: SamplingFields) -> dict[int, float] | None:
+        if not body.logit_bias:
+            return None
+        bias = {}
+        vocab = len(self.tokenizer)
+        for key, value in body.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise bad_request(f"logit_bias keys are token ids below the vocabulary size {vocab}, got {key!r}",
+                                  "logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    async def check_guided(self, guided: GuidedDecoding | None, param: str) -> None:
+        """Compiles the constraint now (off the event loop), so a bad one is a 400 here and the engine finds it
+        compiled."""
+        if guided is None:
+            return
+        try:
+            await asyncio.to_thread(self.loop().engine.guided.compiler.compile, guided)
+        except GrammarError as exc:
+            raise bad_request(str(exc), param) from exc
+
     def sampling_params(self, body: SamplingFields, prompt_tokens: int, max_tokens: int | None,
-                        logprobs: int | None) -> Any:
+                        logprobs: int | None, guided: GuidedDecoding | None = None, n: int | None = None) -> Any:
         from services.llm.engine import SamplingParams
 
         context = self.max_model_len
@@ -234,10 +281,11 @@ class LLMService:
             return SamplingParams(max_tokens=max_tokens if max_tokens is not None else room,
                                   temperature=body.temperature, top_p=body.top_p,
                                   top_k=-1 if body.top_k == 0 else body.top_k, min_p=body.min_p, seed=body.seed,
-                                  n=body.n, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                                  n=n or body.n, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                                   logprobs=logprobs, presence_penalty=body.presence_penalty,
                                   frequency_penalty=body.frequency_penalty,
-                                  repetition_penalty=body.repetition_penalty)
+                                  repetition_penalty=body.repetition_penalty, logit_bias=self.logit_bias(body),
+                                  guided=guided)
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
 
@@ -329,6 +377,22 @@ class Totals:
         return _usage(sum(self.prompt), sum(self.completion), sum(self.cached))
 
 
+def check_best_of(body: CompletionRequest) -> bool:
+    """Whether the request ranks answers (best_of above n); 400 for what best_of cannot mean."""
+    if body.best_of is None or body.best_of == body.n:
+        return False
+    if body.best_of < body.n:
+        raise bad_request(f"best_of ({body.best_of}) must be at least n ({body.n})", "best_of")
+    if body.stream:
+        raise bad_request("best_of above n cannot be streamed (the best answers are known only at the end)",
+                          "best_of")
+    return True
+
+
+def cumulative_logprob(answer: list[ChoiceDelta]) -> float:
+    return sum(float(e.logprob) for d in answer for e in (d.logprobs or []))
+
+
 def build_app(settings: LLMSettings) -> FastAPI:
     registry = CollectorRegistry()
     readiness = Readiness()
@@ -383,10 +447,22 @@ def build_app(settings: LLMSettings) -> FastAPI:
             else:
                 service.check_token_ids(prompt, f"prompt[{position}]" if len(body.prompts) > 1 else "prompt")
                 prompts.append(prompt)
-        params = [service.sampling_params(body, len(p), body.max_tokens, body.logprobs) for p in prompts]
-        loop.check_accepting(len(prompts) * body.n)
+        ranked = check_best_of(body)  # n answers kept out of best_of generated, by log-probability
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo with logprobs would need the prompt's log-probabilities, which this server "
+                              "does not compute", "echo")
+        constraint = guided_decoding(body)
+        guided = constraint[1] if constraint else None
+        logprobs = body.logprobs if not ranked else (body.logprobs or 0)
+        params = [service.sampling_params(body, len(p), body.max_tokens, logprobs, guided, body.best_of)
+                  for p in prompts]
+        await service.check_guided(guided, constraint[0] if constraint else "")
+        per_prompt = params[0].n
+        loop.check_accepting(len(prompts) * per_prompt)
         stop = body.stop_strings
         model = lora or service.model_id
+        echoes = [(p if isinstance(p, str) else service.tokenizer.decode(p)) if body.echo else ""
+                  for p in body.prompts]
         streams = [loop.generate(p, sp, stop, lora) for p, sp in zip(prompts, params, strict=True)]
 
         def choice_index(position: int, delta: ChoiceDelta) -> int:
@@ -398,6 +474,9 @@ def build_app(settings: LLMSettings) -> FastAPI:
             async def events() -> AsyncIterator[str]:
                 totals = Totals(len(prompts))
                 offsets = [0] * (len(prompts) * body.n)
+                if body.echo:
+                    yield _sse(CompletionChunk(id=response_id, model=model, choices=[
+                        CompletionChoice(index=i, text=echoes[i // body.n]) for i in range(len(offsets))]))
                 try:
                     async for position, update in _merged(streams):
                         totals.add(position, update)
@@ -420,20 +499,21 @@ def build_app(settings: LLMSettings) -> FastAPI:
 
         async def collect() -> CompletionResponse:
             totals = Totals(len(prompts))
-            texts: dict[int, list[str]] = {}
-            deltas: dict[int, list[ChoiceDelta]] = {}
-            finish: dict[int, str | None] = {}
+            deltas: dict[tuple[int, int], list[ChoiceDelta]] = {}
             async for position, update in _merged(streams):
                 totals.add(position, update)
                 for delta in update.choices:
-                    index = choice_index(position, delta)
-                    texts.setdefault(index, []).append(delta.text)
-                    deltas.setdefault(index, []).append(delta)
-                    finish[index] = delta.finish_reason
-            choices = [CompletionChoice(index=i, text="".join(texts.get(i, [])),
-                                        logprobs=completion_logprobs(deltas.get(i, []), 0),
-                                        finish_reason=finish.get(i))
-                       for i in range(len(prompts) * body.n)]
+                    deltas.setdefault((position, delta.index), []).append(delta)
+            choices = []
+            for position in range(len(prompts)):
+                answers = [deltas.get((position, i), []) for i in range(per_prompt)]
+                if ranked:
+                    answers = sorted(answers, key=cumulative_logprob, reverse=True)[:body.n]
+                for i, answer in enumerate(answers):
+                    choices.append(CompletionChoice(
+                        index=position * body.n + i, text=echoes[position] + "".join(d.text for d in answer),
+                        logprobs=completion_logprobs(answer, 0) if body.logprobs is not None else None,
+                        finish_reason=answer[-1].finish_reason if answer else None))
             return CompletionResponse(model=model, choices=choices, usage=totals.usage())
 
         return await _unless_disconnected(request, collect)
@@ -442,12 +522,18 @@ def build_app(settings: LLMSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         lora = service.check_model(body.model)
         loop = service.loop()
-        prompt = service.encode_chat(body.messages)
+        family = service.family()
+        plan = plan_tools(body, family)
+        constraint = guided_decoding(body, plan.guided)
+        guided = constraint[1] if constraint else None
+        prompt = service.encode_chat(plan.conversation, plan.template_tools)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = service.sampling_params(body, len(prompt), body.answer_limit, top)
+        params = service.sampling_params(body, len(prompt), body.answer_limit, top, guided)
+        await service.check_guided(guided, constraint[0] if constraint else "")
         loop.check_accepting(body.n)
         stream = loop.generate(prompt, params, body.stop_strings, lora)
         model = lora or service.model_id
+        answers = answer_parsers(plan, family, body.n)
 
         if body.stream:
             response_id = new_id("chatcmpl")
@@ -460,9 +546,16 @@ def build_app(settings: LLMSettings) -> FastAPI:
                 try:
                     async for update in stream:
                         usage = _usage(update.prompt_tokens, update.completion_tokens, update.cached_tokens)
-                        choices = [ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text),
-                                                   logprobs=chat_logprobs([d]), finish_reason=d.finish_reason)
-                                   for d in update.choices]
+                        choices = []
+                        for d in update.choices:
+                            answer = answers[d.index]
+                            content, calls = answer.push(d.text, d.finish_reason is not None)
+                            if not (content or calls or d.finish_reason or d.logprobs):
+                                continue  # text held back (a call's marker in the making): nothing to send yet
+                            delta = ChatDelta(content=content if content or not calls else None,
+                                              tool_calls=calls or None)
+                            choices.append(ChatChunkChoice(index=d.index, delta=delta, logprobs=chat_logprobs([d]),
+                                                           finish_reason=answer.finish_reason(d.finish_reason)))
                         if choices:
                             yield _sse(ChatCompletionChunk(id=response_id, model=model, choices=choices))
                     if body.include_usage:
@@ -474,18 +567,17 @@ def build_app(settings: LLMSettings) -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
 
         async def collect() -> ChatCompletionResponse:
-            texts: dict[int, list[str]] = {i: [] for i in range(body.n)}
             deltas: dict[int, list[ChoiceDelta]] = {i: [] for i in range(body.n)}
             finish: dict[int, str | None] = {}
             usage = _usage(len(prompt), 0, 0)
             async for update in stream:
                 usage = _usage(update.prompt_tokens, update.completion_tokens, update.cached_tokens)
                 for delta in update.choices:
-                    texts[delta.index].append(delta.text)
+                    answers[delta.index].push(delta.text, delta.finish_reason is not None)
                     deltas[delta.index].append(delta)
                     finish[delta.index] = delta.finish_reason
-            choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(texts[i])),
-                                  logprobs=chat_logprobs(deltas[i]), finish_reason=finish.get(i))
+            choices = [ChatChoice(index=i, message=answers[i].message(), logprobs=chat_logprobs(deltas[i]),
+                                  finish_reason=answers[i].finish_reason(finish.get(i)))
                        for i in range(body.n)]
             return ChatCompletionResponse(model=model, choices=choices, usage=usage)
 
@@ -507,7 +599,7 @@ def build_app(settings: LLMSettings) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of 'prompt' or 'messages'")
         if body.messages is not None:
-            tokens = service.encode_chat(body.messages, body.add_generation_prompt)
+            tokens = service.encode_messages(body.messages, body.add_generation_prompt)
         else:
             tokens = service.encode_text(body.prompt or "", body.add_special_tokens)
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=service.max_model_len)

@@ -50,3 +50,6 @@ class LLMSettings(ServiceSettings):
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have")
     quantization: str = Field("none", description="weight format of the decoder layers' projections: none (the "
                               "dtype's) or int8 (weight-only, per output channel; on CPU a faster decode in bf16)")
+    tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
+                                  "llama3_json, template (learned from the chat template), or auto (from the "
+                                  "model's chat template)")

@@ -106,6 +106,8 @@ class RagPipeline:
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.response_format is not None:
+            body["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
         if not request.use_knowledge_base:
             return PreparedAnswer(conversation, None, body)
         if not request.collections:

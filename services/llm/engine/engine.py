@@ -24,6 +24,7 @@ from services.llm.engine.runner import ModelRunner, StepOutput, kv_bytes_per_blo
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
+from services.llm.guided import GuidedDecoder
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.layers.lora import add_lora_layers
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -98,13 +99,14 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(loaded)
         num_blocks = self._num_kv_blocks(loaded)
         self.max_model_len = self._fit_context_to_pool(num_blocks)
+        self.guided = GuidedDecoder(self.tokenizer, loaded.config.vocab_size, sorted(self.eos_token_ids))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_token_threshold, config.speculative)
         proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
-                                  num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch)
+                                  num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided)
         # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
                 and self.loras is None:
@@ -129,6 +131,8 @@ class LLMEngine:
         """`lora_name`: a loaded LoRA adapter to generate with (None: the base model)."""
         params.validate()
         self._validate_prompt(prompt_token_ids, params)
+        if params.guided is not None:
+            self.guided.compiler.compile(params.guided)  # a bad grammar fails here (ValueError); cached after
         with self._lock:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -283,9 +287,10 @@ class LLMEngine:
         if request.params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.params.seed + index)
+        grammar = self.guided.new_state(request.params.guided) if request.params.guided is not None else None
         return Sequence(seq_id=next(self._seq_ids), request=request, index=index,
                         token_ids=list(request.prompt_token_ids), num_prompt_tokens=len(request.prompt_token_ids),
-                        generator=generator)
+                        generator=generator, grammar=grammar)
 
     def _mark_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.time()

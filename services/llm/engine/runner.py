@@ -20,11 +20,12 @@ from services.llm.config import ModelConfig
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch
 from services.llm.engine.sequence import Sequence
+from services.llm.guided import GuidedDecoder
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.lora import LoRABatch
-from services.llm.layers.sampler import Sampler, SamplingRow
+from services.llm.layers.sampler import LogitsMask, Sampler, SamplingRow
 from services.llm.speculative import Proposer
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ def decode_graph_buffers(max_batch: int, max_blocks: int, device: torch.device) 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
-                 proposer: Proposer | None = None, lora_batch: LoRABatch | None = None) -> None:
+                 proposer: Proposer | None = None, lora_batch: LoRABatch | None = None,
+                 guided: GuidedDecoder | None = None) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
@@ -126,6 +128,7 @@ class ModelRunner:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
+        self.guided = guided
         self.decode_graphs: DecodeGraphRunner | None = None
         self.proposer = proposer
         self.lora_batch = lora_batch  # the LoRA layers' step mapping, when the model has them
@@ -157,6 +160,10 @@ class ModelRunner:
         if not step.seqs:
             self.model(input_ids, positions, meta)
             return step
+        # Grammar masks of constrained rows are filled on a worker thread while the model runs (constrained
+        # sequences get no drafts, so each has one logit row).
+        masks = self.guided.start(step.seqs, self._first_rows(step, drafts), len(logit_rows)) \
+            if self.guided is not None else None
         graphs = self.decode_graphs
         if graphs is not None and meta.decode_only and graphs.padded_size(len(batch)) is not None \
                 and meta.block_tables.shape[1] <= graphs.buffers["block_tables"].shape[1]:
@@ -166,12 +173,21 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(self.model(input_ids, positions, meta)[logit_rows])
         if drafts is None:
-            sampled = self.sampler(logits, [self._sampling_row(seq) for seq in step.seqs])
+            sampled = self.sampler(logits, [self._sampling_row(seq) for seq in step.seqs], masks)
             step.token_ids = [[token] for token in sampled.token_ids]
             step.logprobs = [[logprob] for logprob in sampled.logprobs]
             return step
-        self._verify(logits, step, drafts)
+        self._verify(logits, step, drafts, masks)
         return step
+
+    @staticmethod
+    def _first_rows(step: StepOutput, drafts: dict[int, list[int]] | None) -> list[int]:
+        """The logit row where each of the step's sequences starts (each has its drafts' rows plus one)."""
+        rows, row = [], 0
+        for position in step.positions:
+            rows.append(row)
+            row += 1 + (len(drafts.get(position, [])) if drafts is not None else 0)
+        return rows
 
     def _drafts(self, batch: ScheduledBatch) -> dict[int, list[int]] | None:
         """Draft tokens by position in the batch, for the sequences the scheduler gave room for them."""
@@ -179,14 +195,16 @@ class ModelRunner:
             return None
         slots = [seq.num_computed_tokens + num_new - seq.num_tokens
                  for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-        positions = [i for i, n in enumerate(slots) if n > 0]
+        # A constrained sequence gets no drafts: its grammar could not check tokens it has not yet accepted.
+        positions = [i for i, n in enumerate(slots) if n > 0 and batch.seqs[i].grammar is None]
         if not positions:
             return None
         proposed = self.proposer.propose([batch.seqs[i] for i in positions], [slots[i] for i in positions])
         drafts = {i: tokens[:slots[i]] for i, tokens in zip(positions, proposed, strict=True) if tokens}
         return drafts or None
 
-    def _verify(self, logits: torch.Tensor, step: StepOutput, drafts: dict[int, list[int]]) -> None:
+    def _verify(self, logits: torch.Tensor, step: StepOutput, drafts: dict[int, list[int]],
+                masks: LogitsMask | None) -> None:
         """Rejection sampling over each sequence's rows: accepted drafts, then one token from the target."""
         rows: list[SamplingRow] = []
         row_drafts: list[int] = []
@@ -195,7 +213,7 @@ class ModelRunner:
             for j in range(len(seq_drafts) + 1):
                 rows.append(self._sampling_row(seq, j))
                 row_drafts.append(seq_drafts[j] if j < len(seq_drafts) else -1)
-        sampled, accepted = self.sampler.verify(logits, rows, row_drafts)
+        sampled, accepted = self.sampler.verify(logits, rows, row_drafts, masks)
         first = 0
         for position in step.positions:
             num_drafts = len(drafts.get(position, []))

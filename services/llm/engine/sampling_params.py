@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.llm.guided.spec import GuidedDecoding
+
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(slots=True)
@@ -23,6 +26,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids, OpenAI's -100..100
+    guided: GuidedDecoding | None = None  # the output must match this grammar (masked token by token)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,6 +60,12 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in (self.logit_bias or {}).items()),
+             f"logit_bias maps token ids (>= 0) to values between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}"),
+            # The grammar decides where the answer ends: it allows only EOS once complete.
+            (self.guided is None or not self.ignore_eos, "ignore_eos cannot be combined with guided decoding"),
+            (self.guided is None or self.min_tokens == 0, "min_tokens cannot be combined with guided decoding"),
         ]
         for ok, message in checks:
             if not ok:

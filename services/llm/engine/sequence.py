@@ -10,6 +10,7 @@ import torch
 
 from services.llm.engine.outputs import FinishReason, RequestTimings, TokenLogprob
 from services.llm.engine.sampling_params import SamplingParams
+from services.llm.guided import GrammarState
 
 if TYPE_CHECKING:
     from services.llm.lora_adapters import LoRAAdapter
@@ -39,6 +40,7 @@ class Sequence:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
+    grammar: GrammarState | None = None  # guided decoding: where this sequence is in its grammar
 
     @property
     def params(self) -> SamplingParams:

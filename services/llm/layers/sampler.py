@@ -1,7 +1,8 @@
 """Turns a batch of last-position logits into next tokens, vectorized over the batch.
 
-Order: penalties and min_tokens act on the logits; greedy rows take the argmax; the other rows are scaled
-by temperature, filtered by top-k / top-p / min-p, and sampled with the exponential race
+Order: logit_bias, penalties and min_tokens act on the logits, then a grammar mask (guided decoding) sets the
+tokens its grammar forbids to -inf, last, so nothing brings them back; greedy rows take the argmax; the other
+rows are scaled by temperature, filtered by top-k / top-p / min-p, and sampled with the exponential race
 (argmax of p / E, E ~ Exp(1)), whose noise comes from the row's own generator when the request is seeded
 so that a seed gives the same text whatever else shares the batch. Logprobs are the model's own (raw logits).
 
@@ -15,6 +16,7 @@ tokens come from the target's distribution whatever the drafts were.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -36,15 +38,22 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # per row: (sampled logprob, top-k), or None
 
 
+class LogitsMask(Protocol):
+    """Forbids tokens per row in place (sets them to -inf); guided decoding's grammar masks are one."""
+
+    def apply(self, logits: torch.Tensor) -> None: ...
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # noise for unseeded rows
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], mask: LogitsMask | None = None
+                 ) -> SamplerOutput:
         logits = logits.float()
         params = [row.params for row in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        logits = _constrain(logits, rows)
+        logits = _constrain(logits, rows, mask)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
@@ -55,14 +64,14 @@ class Sampler:
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params))
 
-    def verify(self, logits: torch.Tensor, rows: list[SamplingRow], drafts: list[int]
-               ) -> tuple[SamplerOutput, list[bool]]:
+    def verify(self, logits: torch.Tensor, rows: list[SamplingRow], drafts: list[int],
+               mask: LogitsMask | None = None) -> tuple[SamplerOutput, list[bool]]:
         """Per row: the draft token (-1: none) is accepted or not, and the token the row emits: the draft when
         accepted, else a sample from the target without the draft (rows with no draft sample as usual)."""
         logits = logits.float()
         params = [row.params for row in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        logits = _constrain(logits, rows)
+        logits = _constrain(logits, rows, mask)
         draft = torch.tensor(drafts, device=logits.device)
         tokens = logits.argmax(dim=-1)
         accepted = tokens == draft
@@ -105,8 +114,10 @@ class Sampler:
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def _constrain(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Penalties and banned tokens, the logit edits that come before greedy or sampling."""
+def _constrain(logits: torch.Tensor, rows: list[SamplingRow], mask: LogitsMask | None) -> torch.Tensor:
+    """logit_bias, penalties, banned tokens, then the grammar mask: the logit edits before greedy or sampling."""
+    if any(row.params.logit_bias for row in rows):
+        logits = apply_logit_bias(logits, [row.params for row in rows])
     if any(row.params.uses_penalties for row in rows):
         logits = apply_penalties(logits, rows)
     banned = [(i, token) for i, row in enumerate(rows) for token in row.banned_token_ids]
@@ -115,6 +126,9 @@ def _constrain(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = logits.index_put((torch.tensor(row_index, device=logits.device),
                                    torch.tensor(token_index, device=logits.device)),
                                   torch.tensor(float("-inf"), device=logits.device))
+    if mask is not None:
+        logits = logits.contiguous()
+        mask.apply(logits)
     return logits
 
 
@@ -122,6 +136,19 @@ def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k / top-p / min-p: the (unnormalized) distribution a sampled row draws from."""
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     return filter_probs(torch.softmax(logits / temperature[:, None], dim=-1), params)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Adds each row's `logit_bias` to its tokens' logits (ids past the logits' width are ignored)."""
+    vocab = logits.shape[1]
+    entries = [(i, token, bias) for i, p in enumerate(params) for token, bias in (p.logit_bias or {}).items()
+               if token < vocab]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries, strict=True)
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                            torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from tests.support.fuzz import fuzz_schema, load_schema
 from tests.support.processes import ServiceProcess
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 LONG_PROMPT = "word " * 1100  # over the test server's 1024-token context
 
 CASES = [
@@ -39,6 +40,26 @@ CASES = [
     ("completions", {"prompt": "Hi", "min_tokens": 50, "max_tokens": 5}, 400, "min_tokens"),
     ("completions", {"prompt": "Hi", "model": "gpt-4"}, 404, "gpt-4"),
     ("completions", {"max_tokens": 5}, 400, "prompt"),
+    ("chat", {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "no-such-type"}}}}, 400, "response_format"),
+    ("chat", {"messages": MESSAGES, "guided_regex": "(unclosed"}, 400, "guided_regex"),
+    ("chat", {"messages": MESSAGES, "guided_grammar": "root ::= missing_rule"}, 400, "guided_grammar"),
+    ("chat", {"messages": MESSAGES, "guided_json": "{not json"}, 400, "guided_json"),
+    ("chat", {"messages": MESSAGES, "guided_regex": "a+", "response_format": {"type": "json_object"}}, 400,
+     "guided_regex"),
+    ("chat", {"messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     400, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tools": [TOOL], "tool_choice": "required",
+              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}, "ignore_eos": True}, 400,
+     "ignore_eos"),
+    ("chat", {"messages": MESSAGES, "logit_bias": {"7": 101}}, 400, "logit_bias"),
+    ("chat", {"messages": MESSAGES, "logit_bias": {"seven": 1}}, 400, "logit_bias"),
+    ("completions", {"prompt": "Hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("completions", {"prompt": "Hi", "best_of": 1, "n": 2}, 400, "best_of"),
+    ("completions", {"prompt": "Hi", "best_of": 3, "stream": True}, 400, "best_of"),
 ]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -54,13 +75,10 @@ def test_bad_request_is_a_clear_openai_error(llm_server: ServiceProcess, endpoin
 
 
 UNSUPPORTED = [
-    ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
     ("chat", {"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+    ("chat", {"messages": MESSAGES, "best_of": 2}, "best_of"),
     ("chat", {"messages": [{"role": "user", "content": "Hi", "audio": {"id": "a1"}}]}, "messages.0.audio"),
     ("completions", {"prompt": "Hi", "suffix": "The end."}, "suffix"),
-    ("completions", {"prompt": "Hi", "logit_bias": {"7": 5}}, "logit_bias"),
 ]
 
 
@@ -79,11 +97,11 @@ def test_openai_client_sees_the_refused_field(llm_server: ServiceProcess) -> Non
     client = openai.OpenAI(base_url=llm_server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert refused.value.param == "response_format"
+                                       functions=[{"name": "f", "parameters": {}}])
+    assert refused.value.param == "functions"
     # The value that asks for nothing is still fine.
     reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=2,
-                                           response_format={"type": "text"})
+                                           functions=[], response_format={"type": "text"})
     assert reply.usage.completion_tokens >= 1
 
 

@@ -82,6 +82,24 @@ def test_answer_states_the_fact_and_cites_its_document(client: httpx.Client) -> 
     assert body["usage"]["prompt_tokens"] > 0 and "cached_tokens" in body["usage"]["prompt_tokens_details"]
 
 
+def test_structured_answer_with_citations(client: httpx.Client) -> None:
+    """`response_format` goes through to the LLM: the answer follows the schema, the citations come alongside."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 120},
+                                               "sources": {"type": "array", "maxItems": 3,
+                                                           "items": {"type": "integer", "minimum": 1, "maximum": 9}}},
+              "required": ["answer", "sources"], "additionalProperties": False}
+    reply = client.post("/v1/chat/completions", json=_ask(
+        "How often must the Aquaflow 300 pump be descaled?", max_tokens=120,
+        response_format={"type": "json_schema", "json_schema": {"name": "cited_answer", "schema": schema}}))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(answer) == {"answer", "sources"} and isinstance(answer["answer"], str)
+    assert all(1 <= n <= 9 for n in answer["sources"]) and len(answer["sources"]) <= 3
+    assert body["citations"]["results"][0]["document_name"] == "pump.txt"
+
+
 def test_streaming_sends_citations_first_and_ends_with_done(client: httpx.Client) -> None:
     events = []
     with client.stream("POST", "/v1/generate", json=_ask("How often must the Aquaflow 300 pump be descaled?",

@@ -1,4 +1,5 @@
-"""The OpenAI request schemas on their own: a field we do not implement is refused by name, never ignored."""
+"""The OpenAI request schemas on their own: a field we do not implement is refused by name, never ignored; the
+structured-output and tool fields we do implement are parsed, and malformed ones refused."""
 
 from __future__ import annotations
 
@@ -12,16 +13,10 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [TOOL]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "weather"}]}, "functions"),
     ({"function_call": {"name": "weather"}}, "function_call"),
-    ({"logit_bias": {"42": -100}}, "logit_bias"),
     ({"modalities": ["audio"]}, "modalities"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),  # vLLM's structured-output extras are not ours either
     ({"made_up_knob": 1}, "made_up_knob"),
 ])
 def test_chat_field_we_do_not_honour_is_refused_by_name(extra: dict, field: str) -> None:
@@ -32,15 +27,41 @@ def test_chat_field_we_do_not_honour_is_refused_by_name(extra: dict, field: str)
 
 
 def test_message_fields_we_do_not_honour_are_refused() -> None:
-    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
     with pytest.raises(ValidationError) as refused:
-        ChatCompletionRequest.model_validate({"messages": [{"role": "assistant", "content": None,
-                                                            "tool_calls": [call]}, *MESSAGES]})
-    assert refused.value.errors()[0]["loc"] == ("messages", 0, "tool_calls")
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi", "audio": {"id": "a"}}]})
+    assert refused.value.errors()[0]["loc"] == ("messages", 0, "audio")
 
 
-@pytest.mark.parametrize(("extra", "field"), [({"suffix": "The end."}, "suffix"), ({"best_of": 3}, "best_of"),
-                                              ({"logit_bias": {"7": 5}}, "logit_bias")])
+def test_tool_history_and_structured_fields_are_parsed() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    request = ChatCompletionRequest.model_validate({
+        "messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+        "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "weather"}},
+        "parallel_tool_calls": False, "logit_bias": {"42": -100},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"},
+                                                                   "strict": True}}})
+    assert request.messages[1].tool_calls[0].function.name == "weather"
+    assert request.messages[2].tool_call_id == "c1"
+    assert request.response_format.json_schema.json_schema == {"type": "object"}
+    assert request.tool_choice.function.name == "weather"
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"structured_outputs": {"json": {}, "unknown": 1}}, "structured_outputs"),
+])
+def test_malformed_structured_fields_are_refused(extra: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate({"messages": MESSAGES, **extra})
+    assert refused.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize(("extra", "field"), [({"suffix": "The end."}, "suffix")])
 def test_completion_field_we_do_not_honour_is_refused_by_name(extra: dict, field: str) -> None:
     with pytest.raises(ValidationError) as refused:
         CompletionRequest.model_validate({"prompt": "Hi", **extra})
@@ -48,9 +69,8 @@ def test_completion_field_we_do_not_honour_is_refused_by_name(extra: dict, field
 
 
 def test_values_that_ask_for_nothing_are_accepted() -> None:
-    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "functions": None,
-               "logit_bias": {}, "parallel_tool_calls": False, "store": False, "seed": None, "user": "u-1"}
-    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi",
-                                                                  "tool_calls": []}], **neutral})
+    neutral = {"functions": None, "function_call": "auto", "best_of": 1, "store": False, "seed": None,
+               "user": "u-1"}
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}], **neutral})
     assert request.messages[0].text == "Hi" and request.seed is None and request.user == "u-1"
     assert CompletionRequest.model_validate({"prompt": "Hi", "best_of": 1, "suffix": None}).prompts == ["Hi"]

@@ -90,6 +90,26 @@ def kv_gib_for_blocks(model_dir: Path, num_blocks: int, block_size: int = 16) ->
 
 
 @pytest.fixture(scope="session")
+def smol_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random llama with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from common.model_files import bundled_llm
+
+    gguf = bundled_llm()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(11)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         initializer_range=0.2, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("smol-tiny")
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def make_engine() -> Callable[..., object]:
     from services.llm.engine import EngineConfig, LLMEngine
 
