@@ -255,7 +255,9 @@ def pyproject_pins(extra: str | None = None) -> dict[str, str]:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     listed = project["optional-dependencies"][extra] if extra else project["dependencies"]
-    return {canonical(name): version for name, version in (pin.split("==") for pin in listed)}
+    # Environment markers are dropped: every image is Linux x86-64, where each marker in pyproject.toml holds.
+    pins = (pin.split(";")[0].strip() for pin in listed)
+    return {canonical(name): version for name, version in (pin.split("==") for pin in pins)}
 
 
 # --- the parser, on the Dockerfile as it is -------------------------------------------------------------------------
