@@ -87,7 +87,8 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),
-                          max_lora_rank=settings.max_lora_rank, quantization=settings.quantization)
+                          max_lora_rank=settings.max_lora_rank, quantization=settings.quantization,
+                          cpu_weight_packing=settings.cpu_weight_packing)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)

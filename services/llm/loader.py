@@ -20,6 +20,7 @@ from torch import nn
 
 from services.llm.config import ModelConfig
 from services.llm.layers.int8_linear import quantize_linears_int8
+from services.llm.layers.packed_linear import cpu_packing_available, pack_linears
 from services.llm.models import build_model
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 QUANTIZATIONS = ("none", "int8")
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> LoadedModel:
+def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none",
+               pack_cpu_weights: bool = True) -> LoadedModel:
     """`quantization`: the weight format of the decoder layers' projections, `none` (the dtype's) or `int8`
-    (weight-only, per output channel, quantized here from the checkpoint's weights)."""
+    (weight-only, per output channel, quantized here from the checkpoint's weights). `pack_cpu_weights`: on a
+    CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout (`packed_linear`)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
     path = Path(model)
@@ -78,6 +81,8 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     if quantization == "int8":
         saved = quantize_linears_int8(net)
         log.info("int8 weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
+    if pack_cpu_weights and cpu_packing_available(device, dtype):
+        log.info("%d linear layers packed for oneDNN's bf16 kernels", pack_linears(net))
     check_placement(net, device, dtype)
     return LoadedModel(name=_model_name(model), config=config, model=net, tokenizer=tokenizer,
                        eos_token_ids=_eos_token_ids(hf_config, tokenizer, path))

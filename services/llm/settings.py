@@ -50,6 +50,9 @@ class LLMSettings(ServiceSettings):
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have")
     quantization: str = Field("none", description="weight format of the decoder layers' projections: none (the "
                               "dtype's) or int8 (weight-only, per output channel; on CPU a faster decode in bf16)")
+    cpu_weight_packing: bool = Field(True, description="on a CPU with native bf16 (AMX, AVX512-BF16), bf16 linear "
+                                     "weights are reordered once at load into oneDNN's packed layout: the same "
+                                     "outputs, faster steps (the LM head of a tied model gets its own copy)")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from services.llm.layers.int8_linear import Int8Linear
+from services.llm.layers.packed_linear import PackedLinear
 
 
 @dataclass(slots=True)
@@ -29,12 +30,12 @@ class LoRABatch:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear | Int8Linear, batch: LoRABatch, max_loras: int, max_rank: int,
+    def __init__(self, base: nn.Linear | Int8Linear | PackedLinear, batch: LoRABatch, max_loras: int, max_rank: int,
                  parts: list[int]) -> None:
         super().__init__()
         assert sum(parts) == base.out_features
         self.base, self.batch, self.parts, self.max_rank = base, batch, parts, max_rank
-        dtype = base.dtype if isinstance(base, Int8Linear) else base.weight.dtype
+        dtype = base.dtype if isinstance(base, Int8Linear | PackedLinear) else base.weight.dtype
         device = next(base.parameters()).device
         rank_rows = len(parts) * max_rank
         self.lora_a = nn.Parameter(torch.zeros(max_loras, rank_rows, base.in_features, dtype=dtype, device=device),
