@@ -12,7 +12,10 @@ warps and stages) and deduplicated. Sources of launches:
   layer is built on the `meta` device (every layer launches the same kernels) and driven, with launches
   recorded dry, through every step shape: decode replayed from a CUDA graph at each captured batch size
   (block tables as wide as `max_model_len`), eager decode of short and long contexts, a full prefill chunk,
-  prefix-cache extensions of a few tokens and mixed prefill + decode steps.
+  prefix-cache extensions of a few tokens and mixed prefill + decode steps. Each model is recorded once per
+  weight format of the decoder projections: bf16, weight-only int8 (`LLM_QUANTIZATION=int8`) and the GGUF
+  block formats Q8_0, Q4_0 and Q4_1 (`LLM_GGUF_WEIGHTS=native`), so the quantized GEMMs are compiled for
+  every step shape the engine runs them at.
 - `--launches FILE`: launches recorded elsewhere (the tests record the whole engine run through the kernels
   under Triton's interpreter and compile those).
 
@@ -90,13 +93,37 @@ PRODUCTION_MODELS: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False},
 }
 PRODUCTION_DTYPE = torch.bfloat16
+PRODUCTION_WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1")  # the decoder projections' weight formats
 PRODUCTION_BLOCK_SIZES = (16,)  # what `hardware.detect_hardware` chooses on every GPU
 MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS = 256, 2048  # the engine's defaults
 
 
 # ---- the launches of a production-sized model, recorded dry on the meta device ----------------------------
 
-def production_launches(hf_config: dict[str, Any], block_size: int) -> list[Launch]:
+def _quantize_on_meta(model: torch.nn.Module, weights: str) -> None:
+    """Swaps the decoder projections of a `meta` model for the layers of a quantized weight format."""
+    from torch import nn
+
+    from services.llm.layers.gguf_linear import GGUFLinear
+    from services.llm.layers.int8_linear import quantize_linears_int8
+
+    if weights == "int8":
+        quantize_linears_int8(model)
+        return
+    for layer in model.model.layers:
+        for owner in (layer.self_attn, layer.mlp):
+            for name, dense in list(owner.named_children()):
+                if isinstance(dense, nn.Linear):
+                    rows, cols = dense.out_features, dense.in_features
+                    q = torch.empty(rows, cols if weights == "Q8_0" else cols // 2, device="meta",
+                                    dtype=torch.int8 if weights == "Q8_0" else torch.uint8)
+                    scale = torch.empty(rows, cols // 32, dtype=torch.float16, device="meta")
+                    minimum = torch.empty_like(scale) if weights == "Q4_1" else None
+                    bias = None if dense.bias is None else dense.bias.data
+                    setattr(owner, name, GGUFLinear(weights, q, scale, minimum, bias, PRODUCTION_DTYPE))
+
+
+def production_launches(hf_config: dict[str, Any], block_size: int, weights: str = "bf16") -> list[Launch]:
     from services.llm.config import ModelConfig
     from services.llm.engine.engine import MAX_GRAPH_BATCH
     from services.llm.kernels import launches
@@ -108,6 +135,8 @@ def production_launches(hf_config: dict[str, Any], block_size: int) -> list[Laun
     config = ModelConfig.from_hf({**hf_config, "num_hidden_layers": 1})
     device = torch.device("meta")
     model = build_on_device(config, device, PRODUCTION_DTYPE)
+    if weights != "bf16":
+        _quantize_on_meta(model, weights)
     max_model_len = config.max_position_embeddings
     max_blocks = -(-max_model_len // block_size)
     cache_shape = (max_blocks * 4, block_size, config.num_kv_heads, config.head_dim)
@@ -315,7 +344,9 @@ def main() -> int:
     if args.production or not args.launches:
         for name, hf_config in PRODUCTION_MODELS.items():
             for block_size in PRODUCTION_BLOCK_SIZES:
-                sources[f"{name} bf16 block {block_size}"] = production_launches(hf_config, block_size)
+                for weights in PRODUCTION_WEIGHTS:
+                    sources[f"{name} {weights} block {block_size}"] = production_launches(hf_config, block_size,
+                                                                                          weights)
     started = time.perf_counter()
     rows = compile_all(sources, archs, args.jobs)
     failures = [r for r in rows if r["error"]]
@@ -337,6 +368,7 @@ def main() -> int:
         "workload": {"sources": {name: len(recorded) for name, recorded in sources.items()},
                      "production_dtype": str(PRODUCTION_DTYPE).removeprefix("torch."),
                      "production_block_sizes": PRODUCTION_BLOCK_SIZES,
+                     "production_weights": PRODUCTION_WEIGHTS,
                      "engine_limits": {"max_num_seqs": MAX_NUM_SEQS,
                                        "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}},
         "ours": {"specializations_compiled": len(rows), "failures": len(failures),

@@ -88,7 +88,7 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),
                           max_lora_rank=settings.max_lora_rank, quantization=settings.quantization,
-                          cpu_weight_packing=settings.cpu_weight_packing)
+                          cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)
@@ -129,8 +129,9 @@ class LLMService:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
             return
-        self.parameters = sum(p.numel() for name, p in engine.runner.model.named_parameters()
-                              if not name.rpartition(".")[2].startswith("lora_"))  # the base model's, not LoRA slots
+        from services.llm.loader import parameter_count
+
+        self.parameters = parameter_count(engine.runner.model)  # the base model's, not LoRA slots
         self.serving = ServingLoop(engine, max_num_seqs=self.settings.max_num_seqs,
                                    max_waiting=self.settings.max_waiting,
                                    request_timeout=self.settings.request_timeout, metrics=self.metrics,

@@ -1,7 +1,9 @@
 """Loads a model and its tokenizer from a local Hugging Face directory, a `.gguf` file, or a hub id.
 
 GGUF weights are dequantized at load by transformers' reader, which also undoes llama.cpp's Q/K row
-permutation; the tokenizer and chat template come from the file's metadata. Hub ids go through the
+permutation; the tokenizer and chat template come from the file's metadata. Decoder projections in Q8_0, Q4_0
+or Q4_1 are then swapped for layers over the file's own blocks where a kernel reads them on the device
+(`gguf_weights`, see `gguf_blocks.py`). Hub ids go through the
 standard `huggingface_hub` download (offline under HF_HUB_OFFLINE=1, which the tests set).
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from services.llm.config import ModelConfig
+from services.llm.kernels.dispatch import use_triton_on
 from services.llm.layers.int8_linear import quantize_linears_int8
 from services.llm.layers.packed_linear import cpu_packing_available, pack_linears
 from services.llm.models import build_model
@@ -54,15 +57,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 QUANTIZATIONS = ("none", "int8")
+GGUF_WEIGHTS = ("auto", "native", "dequantize")
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none",
-               pack_cpu_weights: bool = True) -> LoadedModel:
+               pack_cpu_weights: bool = True, gguf_weights: str = "auto") -> LoadedModel:
     """`quantization`: the weight format of the decoder layers' projections, `none` (the dtype's) or `int8`
     (weight-only, per output channel, quantized here from the checkpoint's weights). `pack_cpu_weights`: on a
-    CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout (`packed_linear`)."""
+    CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout (`packed_linear`).
+    `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1 projections in their blocks, `dequantize`
+    widens every tensor to `dtype`, `auto` is `native` where a kernel reads the blocks (Triton on CUDA) and
+    `dequantize` elsewhere."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    if gguf_weights not in GGUF_WEIGHTS:
+        raise ValueError(f"unknown gguf_weights {gguf_weights!r}; choose one of {GGUF_WEIGHTS}")
+    if gguf_weights == "native" and quantization != "none":
+        raise ValueError(f"gguf_weights=native keeps the file's own blocks; it cannot be combined with "
+                         f"quantization={quantization!r}")
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -78,6 +90,11 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     net = build_on_device(config, device, dtype)
     net.load_weights(weights)
     net.eval()
+    if path.suffix == ".gguf" and quantization == "none" and (
+            gguf_weights == "native" or (gguf_weights == "auto" and use_triton_on(device))):
+        from services.llm.gguf_blocks import keep_gguf_blocks
+
+        keep_gguf_blocks(net, path, hf_config)
     if quantization == "int8":
         saved = quantize_linears_int8(net)
         log.info("int8 weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
@@ -102,10 +119,41 @@ def check_placement(net: nn.Module, device: torch.device, dtype: torch.dtype) ->
         return not same_device or tensor.dtype != want
 
     wrong = [f"{name} ({t.device}, {t.dtype})" for name, t in net.named_parameters()
-             if misplaced(t, torch.int8 if name.endswith(".qweight") else dtype)]
+             if misplaced(t, _stored_dtype(name, t, dtype))]
     wrong += [f"{name} ({t.device}, {t.dtype})" for name, t in net.named_buffers() if misplaced(t, torch.float32)]
     if wrong:
         raise RuntimeError(f"model tensors not placed on {device} per the dtype policy: {', '.join(wrong[:5])}")
+
+
+def _stored_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter must have: `dtype`, except quantized weights (int8, or uint8 packed 4-bit) and the
+    fp16 scales and minimums of GGUF blocks."""
+    kind = name.rpartition(".")[2]
+    if kind == "qweight":
+        return tensor.dtype if tensor.dtype in (torch.int8, torch.uint8) else torch.int8
+    return torch.float16 if kind in ("block_scale", "block_min") else dtype
+
+
+def parameter_count(net: nn.Module) -> int:
+    """The model's parameters as its checkpoint counts them: one per weight whatever its storage (oneDNN-packed,
+    or 4-bit blocks two to a byte, whose scales are not weights), a tied LM head once, LoRA adapter slots left
+    out."""
+    from services.llm.layers.gguf_linear import GGUFLinear
+    from services.llm.layers.packed_linear import PackedLinear
+
+    tied_head = net.lm_head if net.config.tie_word_embeddings else None
+    total, seen = 0, set()
+    for module in net.modules():
+        if module is tied_head:
+            continue
+        if isinstance(module, GGUFLinear | PackedLinear):
+            total += module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if not name.startswith("lora_") and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 def _model_name(model: str) -> str:

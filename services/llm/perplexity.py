@@ -16,10 +16,10 @@ from services.llm.loader import LoadedModel
 
 
 @torch.inference_mode()
-def perplexity(loaded: LoadedModel, token_ids: list[int], device: torch.device, dtype: torch.dtype,
-               block_size: int = 16) -> float:
+def prompt_logits(loaded: LoadedModel, token_ids: list[int], device: torch.device, dtype: torch.dtype,
+                  block_size: int = 16) -> torch.Tensor:
+    """The fp32 logits `[len(token_ids), vocab]` of one prefill over `token_ids`."""
     n = len(token_ids)
-    assert n >= 2, "perplexity needs at least two tokens"
     num_blocks = -(-n // block_size)
     allocate_kv_cache(loaded.model, loaded.config, num_blocks, block_size, dtype, device)
     positions = torch.arange(n, device=device)
@@ -29,6 +29,12 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], device: torch.device, 
                              seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
                              decode_only=False, max_query_len=n)
     hidden = loaded.model(torch.tensor(token_ids, device=device), positions, meta)
-    logits = loaded.model.compute_logits(hidden[:-1]).float()
+    return loaded.model.compute_logits(hidden).float()
+
+
+def perplexity(loaded: LoadedModel, token_ids: list[int], device: torch.device, dtype: torch.dtype,
+               block_size: int = 16) -> float:
+    assert len(token_ids) >= 2, "perplexity needs at least two tokens"
+    logits = prompt_logits(loaded, token_ids, device, dtype, block_size)[:-1]
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(token_ids[1:], device=device))
     return math.exp(float(nll))

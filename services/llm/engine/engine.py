@@ -58,6 +58,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     quantization: str = "none"  # weight format of the decoder projections: none or int8 (weight-only)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
+    gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1 projections: native (blocks), dequantize, or auto
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -87,7 +88,8 @@ class LLMEngine:
             log.info("torch uses %d CPU threads", use_given_cores())
         self.dtype = self.hardware.dtype
         self.block_size = config.block_size or self.hardware.kv_block_size
-        loaded = load_model(config.model, self.device, self.dtype, config.quantization, config.cpu_weight_packing)
+        loaded = load_model(config.model, self.device, self.dtype, config.quantization,
+                            pack_cpu_weights=config.cpu_weight_packing, gguf_weights=config.gguf_weights)
         self.loras: LoRAAdapters | None = None
         lora_batch = None
         if config.max_loras:

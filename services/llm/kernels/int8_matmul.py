@@ -6,12 +6,14 @@ the activations' dtype. On CPU, small batches of bf16/fp16 rows (decode steps) g
 `_weight_int8pack_mm`, which reads the int8 weights directly: half the bytes of bf16 weights, and decode is
 bound by reading weights (measured 1.8x faster than a bf16 GEMM at 1-8 rows on an AMX Xeon). Larger steps
 (prefill) and fp32 activations take the reference, where the bf16 GEMM's AMX tiles win over the int8 kernel.
-No GPU kernel yet: on CUDA the reference runs (int8 memory savings, no speed-up).
+On CUDA the Triton kernel in `quantized_matmul_triton.py` reads the int8 weights and widens them in registers.
 """
 
 from __future__ import annotations
 
 import torch
+
+from services.llm.kernels.dispatch import use_triton
 
 INT8PACK_MAX_ROWS = 16  # above this many rows the widened bf16 GEMM is faster than the int8 kernel on CPU
 
@@ -21,6 +23,10 @@ def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        from services.llm.kernels.quantized_matmul_triton import int8_matmul_triton
+
+        return int8_matmul_triton(x, q, scale)
     rows = x.reshape(-1, x.shape[-1])
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and rows.shape[0] <= INT8PACK_MAX_ROWS:
         out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from common.model_files import bundled_llm
+from services.llm.kernels import launches
+from services.llm.kernels.dispatch import triton_everywhere
 from services.llm.kernels.int8_matmul import int8_matmul, int8_matmul_reference, quantize_int8_per_channel
 from services.llm.loader import load_model
 from services.llm.perplexity import perplexity
+from tests.unit.llm.kernels.triton_mode import requires_interpreter
 
 from .conftest import hf_generate
 from .test_engine_greedy import greedy, random_prompts
@@ -75,3 +78,16 @@ def test_int8_perplexity_within_one_percent_on_the_bundled_model(dtype: torch.dt
         results[quantization] = perplexity(loaded, tokens, device, dtype)
     assert len(tokens) > 150
     assert abs(results["int8"] / results["none"] - 1) < 0.01, results
+
+
+@requires_interpreter
+def test_int8_engine_through_the_triton_kernel_gives_the_reference_tokens(tiny_models: dict[str, Path],
+                                                                          make_engine) -> None:
+    prompts = random_prompts(3, 5, 20, seed=32)
+    want = [o.outputs[0].token_ids for o in make_engine(tiny_models["llama"], quantization="int8").generate(
+        prompts, greedy(6), use_tqdm=False)]
+    with triton_everywhere(), launches.record() as recorded:
+        engine = make_engine(tiny_models["llama"], quantization="int8")
+        got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy(6), use_tqdm=False)]
+    assert got == want
+    assert "_int8_matmul_kernel" in {launch.kernel.split(":")[1] for launch in recorded}

@@ -1,9 +1,9 @@
 """Every kernel specialization a production model launches compiles for sm_80, sm_89 and sm_90, without a GPU.
 
-`bench/kernels_compile.py --production` records the launches of Qwen2.5-7B-Instruct and Llama-3-8B shapes on
-the meta device and compiles each distinct specialization with `triton.compile` for real GPU targets (PTX,
-then a cubin from the ptxas in the triton wheel). The engine's own launches, recorded under the interpreter,
-are compiled by `tests/unit/llm/test_engine_triton.py`.
+`bench/kernels_compile.py --production` records the launches of Qwen2.5-7B-Instruct and Llama-3-8B shapes (with
+bf16, int8 and GGUF Q8_0/Q4_0/Q4_1 projections) on the meta device and compiles each distinct specialization
+with `triton.compile` for real GPU targets (PTX, then a cubin from the ptxas in the triton wheel). The engine's
+own launches, recorded under the interpreter, are compiled by `tests/unit/llm/test_engine_triton.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[4]
 KERNELS = {"decode_split_kernel", "decode_reduce_kernel", "prefill_kernel", "store_kv_kernel", "rms_norm_kernel",
-           "rotary_kernel", "silu_and_mul_kernel"}
+           "rotary_kernel", "silu_and_mul_kernel", "int8_matmul_kernel", "gguf_matmul_kernel"}
+WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,10 @@ def test_every_kernel_compiles_for_every_architecture(report: dict) -> None:
     assert [row for row in rows if row["error"]] == []
     assert all(row["has_ptx"] and row["cubin_bytes"] > 0 for row in rows)
     sources = {source for row in rows for source in row["sources"]}
-    assert sources == {"Qwen2.5-7B-Instruct bf16 block 16", "Llama-3-8B bf16 block 16"}
+    assert sources == {f"{model} {weights} block 16" for model in ("Qwen2.5-7B-Instruct", "Llama-3-8B")
+                       for weights in WEIGHTS}
+    gguf = {row["constants"]["FORMAT"] for row in rows if row["kernel"] == "gguf_matmul_kernel"}
+    assert gguf == {0, 1, 2}
 
 
 def test_shared_memory_within_each_architecture_limit(report: dict) -> None:
@@ -51,6 +55,7 @@ def test_shared_memory_within_each_architecture_limit(report: dict) -> None:
 
 
 def test_hot_kernels_do_not_spill(report: dict) -> None:
-    hot = [row for row in report["kernels"] if row["kernel"] in ("decode_split_kernel", "prefill_kernel")]
+    hot = [row for row in report["kernels"] if row["kernel"] in ("decode_split_kernel", "prefill_kernel",
+                                                                 "int8_matmul_kernel", "gguf_matmul_kernel")]
     assert hot and all(row["spill_stores"] == 0 and row["spill_loads"] == 0 for row in hot)
     assert all(row["occupancy"] > 0 for row in report["kernels"])

@@ -1,0 +1,35 @@
+"""A linear layer whose weights stay in a GGUF block format (Q8_0, Q4_0, Q4_1), the loader's native GGUF path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.llm.kernels.gguf_matmul import BLOCK, FORMATS, dequantize, gguf_matmul
+
+
+class GGUFLinear(nn.Module):
+    """`q`, `scale`, `minimum` as `gguf_matmul.unpack_rows` returns them; `dtype` is the activations' dtype."""
+
+    def __init__(self, fmt: str, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
+                 bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        assert fmt in FORMATS and scale.dtype == torch.float16 and q.shape[0] == scale.shape[0]
+        self.fmt, self.format_id, self.dtype = fmt, FORMATS[fmt], dtype
+        self.out_features, self.in_features = scale.shape[0], scale.shape[1] * BLOCK
+        self.qweight = nn.Parameter(q, requires_grad=False)
+        self.block_scale = nn.Parameter(scale, requires_grad=False)
+        self.block_min = None if minimum is None else nn.Parameter(minimum, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        minimum = None if self.block_min is None else self.block_min.data
+        return dequantize(self.format_id, self.qweight.data, self.block_scale.data, minimum).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        minimum = None if self.block_min is None else self.block_min
+        out = gguf_matmul(x, self.format_id, self.qweight, self.block_scale, minimum)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
