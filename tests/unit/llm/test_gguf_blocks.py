@@ -108,3 +108,6 @@ def test_parameter_count_counts_weights_once(ggufs: dict[str, Path], tiny_models
     for model in (ggufs["Q4_1"], tiny_models["qwen2"]):  # both tie the LM head to the embeddings
         loaded = load_model(str(model), CPU, torch.float32)
         assert parameter_count(loaded.model) == sum(p.numel() for p in loaded.model.parameters())
+        # bf16 on a CPU with native bf16: oneDNN-packed weights, the tied LM head packed as a copy of its own
+        packed = load_model(str(model), CPU, torch.bfloat16)
+        assert parameter_count(packed.model) == parameter_count(loaded.model)
