@@ -6,7 +6,10 @@ against the device's measured copy bandwidth (a large `tensor.copy_`). Peers, in
 - decode attention: `scaled_dot_product_attention` with the flash and memory-efficient backends on the same
   K/V laid out dense `[B, Hkv, L, D]` (GQA via `enable_gqa`, else expanded heads; whichever runs);
 - prefill attention: the same SDPA backends, causal, on dense `[B, Hq, L, D]`;
-- KV store, RMSNorm, rotary, SiLU-and-mul: the torch references (what runs without Triton).
+- KV store, RMSNorm, rotary, SiLU-and-mul: the torch references (what runs without Triton);
+- weight-only GEMMs (int8 per channel, GGUF Q8_0/Q4_0/Q4_1 blocks) on Llama-3-8B's projection shapes: the
+  dense GEMM of the same weights in the activations' dtype (`F.linear`: cuBLAS on a GPU, oneDNN on a CPU).
+  Bytes are the weights as stored plus the activations in and out.
 The headline is decode attention at batch 64 with 4k-token contexts (target: ≥ 70% of copy bandwidth); its
 launch settings are swept and every configuration is kept in the result file.
 
@@ -281,6 +284,46 @@ def bench_elementwise(rows: list[dict], errors: list[str], *, tokens: int, hidde
         attempt(errors, case, measure)
 
 
+def bench_weight_only_gemm(rows: list[dict], errors: list[str], *, shapes: list[tuple[str, int, int]],
+                           row_counts: list[int], dtype: torch.dtype, device: torch.device, timer: Timer,
+                           copy_bw: float) -> None:
+    import gguf
+
+    from services.llm.kernels.gguf_matmul import FORMATS, gguf_matmul, unpack_rows
+    from services.llm.kernels.int8_matmul import int8_matmul, quantize_int8_per_channel
+
+    element = torch.empty((), dtype=dtype).element_size()
+    ours_impl = "triton" if device.type == "cuda" else "torch-reference"
+    for name, out_features, in_features in shapes:
+        weights = torch.randn(out_features, in_features) * 0.02
+        dense = weights.to(device=device, dtype=dtype)
+        q8, scale8 = quantize_int8_per_channel(weights)
+        formats: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
+            "int8": (lambda x, q=q8.to(device), s=scale8.to(device=device, dtype=dtype): int8_matmul(x, q, s),
+                     q8.numel() + out_features * element)}
+        for fmt, fmt_id in FORMATS.items():
+            q, scale, minimum = (None if t is None else t.to(device) for t in unpack_rows(
+                fmt, gguf.quants.quantize(weights.numpy(), gguf.GGMLQuantizationType[fmt])))
+            stored = q.numel() + 2 * scale.numel() * (2 if minimum is not None else 1)
+            formats[fmt] = (lambda x, f=fmt_id, q=q, s=scale, m=minimum: gguf_matmul(x, f, q, s, m), stored)
+        for count in row_counts:
+            x = torch.randn(count, in_features, device=device, dtype=dtype)
+            case = f"linear {name} {count}x{in_features}->{out_features}"
+            activations = count * (in_features + out_features) * element
+            flops = 2 * count * in_features * out_features
+
+            def measure(case=case, x=x, activations=activations, flops=flops, dense=dense, formats=formats) -> None:
+                record(rows, case, "dense-F.linear", timer(lambda: F.linear(x, dense)),
+                       dense.numel() * element + activations, flops, copy_bw)
+                for fmt, (matmul, stored) in formats.items():
+                    record(rows, case, f"{ours_impl} {fmt}", timer(lambda m=matmul: m(x)), stored + activations,
+                           flops, copy_bw)
+
+            attempt(errors, case, measure)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="references only, small shapes, on the CPU")
@@ -305,12 +348,15 @@ def main() -> None:
         decode_cases = [(8, 512)]
         prefill_cases = [(2, 128)]
         elementwise = {"tokens": 256, "hidden": 576, "intermediate": 1536}
+        gemm_shapes, gemm_rows = [("gate_up", 3072, 576), ("down", 576, 1536)], [1, 8, 64]
     else:
         dtype, heads = torch.bfloat16, (32, 8, 128)
         copy_bw = copy_bandwidth(device, timer, 2 * 2**30)
         decode_cases = [(64, 4096), (8, 4096), (1, 32768), (256, 1024)]
         prefill_cases = [(4, 2048), (1, 8192)]
         elementwise = {"tokens": 8192, "hidden": 4096, "intermediate": 14336}
+        gemm_shapes, gemm_rows = [("qkv", 6144, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)], [1, 16, 256,
+                                                                                                           2048]
     print(f"device: {device}, copy bandwidth {copy_bw / 1e9:,.0f} GB/s")
 
     for batch, context in tqdm(decode_cases, desc="decode attention"):
@@ -328,6 +374,11 @@ def main() -> None:
     attempt(errors, "elementwise", lambda: bench_elementwise(
         rows, errors, heads=heads, dtype=dtype, device=device, timer=timer, copy_bw=copy_bw, use_triton=use_triton,
         **elementwise))
+    # Weight-only GEMMs in bf16 on either device: the CPU engine runs bf16 where the cores have AMX/AVX512-BF16.
+    gemm_dtype = torch.bfloat16
+    attempt(errors, "weight-only GEMMs", lambda: bench_weight_only_gemm(
+        rows, errors, shapes=gemm_shapes, row_counts=gemm_rows, dtype=gemm_dtype, device=device, timer=timer,
+        copy_bw=copy_bw))
 
     header = ["case", "impl", "time_us", "GB/s", "% copy BW", "TFLOP/s", "note"]
     print_table(f"LLM kernels on {device} ({str(dtype).removeprefix('torch.')}), copy bandwidth "
@@ -344,11 +395,12 @@ def main() -> None:
         print(f"\n{len(errors)} measurement(s) failed:", *errors, sep="\n  ", file=sys.stderr)
 
     ours = [r for r in rows if r["impl"].startswith(("triton", "torch-reference"))]
-    peer = [r for r in rows if r["impl"].startswith("sdpa")]
+    peer = [r for r in rows if r["impl"].startswith(("sdpa", "dense"))]
     path = save_result(
         "kernels" + ("-cpu-smoke" if smoke else ""),
         workload={"dtype": str(dtype).removeprefix("torch."), "heads_q_kv_dim": heads, "kv_block_size": BLOCK,
                   "decode_cases": decode_cases, "prefill_cases": prefill_cases, "elementwise": elementwise,
+                  "weight_only_gemms": {"dtype": "bfloat16", "shapes_out_in": gemm_shapes, "rows": gemm_rows},
                   "timing": f"median of {timer.repeats} after {timer.warmup} warm-up runs"},
         ours=ours, peer=peer, limit={"copy_bandwidth_gb_per_s": copy_bw / 1e9},
         extra={"decode_sweep": sweep_rows, "errors": errors},

@@ -128,3 +128,27 @@ def test_silu_and_mul_bf16() -> None:
 
     x = torch.randn(300, 2 * 14336, dtype=torch.bfloat16, device="cuda")
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), **BF16_TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("fmt", ["int8", "Q8_0", "Q4_0", "Q4_1"])
+def test_weight_only_gemms_bf16(fmt: str, rows: int) -> None:
+    """Llama-3-8B's down projection (14336 -> 4096): the Triton kernel against the same weights widened to fp32."""
+    import gguf
+
+    from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul, unpack_rows
+    from services.llm.kernels.int8_matmul import int8_matmul, quantize_int8_per_channel
+
+    out_features, in_features = 4096, 14336
+    weights = torch.randn(out_features, in_features) * 0.02
+    x = torch.randn(rows, in_features).bfloat16().cuda()
+    if fmt == "int8":
+        q, scale = quantize_int8_per_channel(weights)
+        got = int8_matmul(x, q.cuda(), scale.bfloat16().cuda())
+        widened = q.float() * scale.bfloat16().float()[:, None]
+    else:
+        q, scale, minimum = unpack_rows(fmt, gguf.quants.quantize(weights.numpy(), gguf.GGMLQuantizationType[fmt]))
+        got = gguf_matmul(x, FORMATS[fmt], q.cuda(), scale.cuda(), None if minimum is None else minimum.cuda())
+        widened = dequantize(FORMATS[fmt], q, scale, minimum).bfloat16().float()
+    want = x.float() @ widened.cuda().T
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
