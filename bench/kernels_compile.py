@@ -4,7 +4,7 @@
 cubin for sm_80 (A100), sm_89 (L40S) and sm_90 (H100/H200); no driver is needed. What gets compiled is exactly
 what the engine launches: each launch recorded by `services.llm.kernels.launches.record` is specialized the
 way Triton's JIT specializes it (dtypes, 16-byte alignment, integers equal to 1 or divisible by 16, constants,
-warps and stages) and deduplicated. Sources of launches:
+warps, stages and fp contraction) and deduplicated. Sources of launches:
 
 - `--production`: the compose default Qwen2.5-7B-Instruct (28 query heads, 4 KV heads, head_dim 128) and
   Llama-3-8B (32/8/128), bf16 (the hardware profile's dtype on sm_80+), KV blocks of 16 (the profile's only
@@ -223,7 +223,7 @@ def specialize(launch: Launch, capability: int) -> Specialization:
     kwargs = dict(launch.kwargs)
     bound, specialization, options = binder(*(_stand_in(a) for a in launch.args), **kwargs)
     _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    chosen = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    chosen = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     return Specialization(launch.kernel, signature, constexprs, attrs, chosen)
 
 

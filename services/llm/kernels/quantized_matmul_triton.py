@@ -8,7 +8,9 @@ Two kernels, one tiling: `[rows, in]` activations (fp16/bf16/fp32) times `[out, 
   dequantized in fp32, the way the GGUF reader dequantizes them at load, and rounded to the activations' dtype
   before the dot: the same weights the dequantize-at-load path multiplies. A Q4 block stores element j and
   element j+16 in the low and high nibble of byte j, so a tile is two dots, one over the low nibbles with the
-  activations of columns j, one over the high nibbles with the columns j+16; nothing is interleaved.
+  activations of columns j, one over the high nibbles with the columns j+16; nothing is interleaved. The
+  kernel is compiled without fp contraction: Q4_1's `d*q + m` rounds the product and then the sum, as numpy
+  does, instead of one fused multiply-add, so the weights are those of the reader to the last bit.
 """
 
 from __future__ import annotations
@@ -139,5 +141,5 @@ def gguf_matmul_triton(x: torch.Tensor, fmt: int, q: torch.Tensor, scale: torch.
         grid = (triton.cdiv(x2.shape[0], t["BLOCK_M"]), triton.cdiv(out_features, t["BLOCK_N"]))
         launch(_gguf_matmul_kernel, grid, x2, q, scale, scale if minimum is None else minimum, out, x2.shape[0],
                out_features, in_features, x2.stride(0), out.stride(0), FORMAT=fmt, DOT_PRECISION=_precision(x),
-               **t)
+               enable_fp_fusion=False, **t)
     return out.view(*x.shape[:-1], out_features)
