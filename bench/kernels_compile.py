@@ -13,13 +13,16 @@ warps, stages and fp contraction) and deduplicated. Sources of launches:
   recorded dry, through every step shape: decode replayed from a CUDA graph at each captured batch size
   (block tables as wide as `max_model_len`), eager decode of short and long contexts, a full prefill chunk,
   prefix-cache extensions of a few tokens and mixed prefill + decode steps. Each model is recorded once per
-  weight format of the decoder projections: bf16, weight-only int8 (`LLM_QUANTIZATION=int8`) and the GGUF
-  block formats Q8_0, Q4_0 and Q4_1 (`LLM_GGUF_WEIGHTS=native`), so the quantized GEMMs are compiled for
-  every step shape the engine runs them at.
+  weight format of the decoder projections: bf16, weight-only int8 (`LLM_QUANTIZATION=int8`), the GGUF
+  block formats Q8_0, Q4_0 and Q4_1 (`LLM_GGUF_WEIGHTS=native`), and fp8 (`LLM_QUANTIZATION=fp8` with
+  `LLM_KV_CACHE_DTYPE=fp8`: the fp8 GEMM, and the cache kernels on an e4m3 pool), so the quantized GEMMs are
+  compiled for every step shape the engine runs them at.
 - `--launches FILE`: launches recorded elsewhere (the tests record the whole engine run through the kernels
   under Triton's interpreter and compile those).
 
-Per kernel specialization and architecture the report gives registers per thread, spilled bytes, stack frame,
+A launch that passes an fp8 (e4m3) tensor needs sm_89 or newer (Triton has no e4m3 below Ada): it is compiled only
+for those architectures, and the report lists what it skipped below them. Per kernel specialization and
+architecture the report gives registers per thread, spilled bytes, stack frame,
 shared memory (dynamic + static) against the architecture's per-block limit, and the occupancy those allow
 (resident warps per SM over the maximum). `--check` exits 1 on any compile error or shared memory over the
 limit.
@@ -93,7 +96,8 @@ PRODUCTION_MODELS: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False},
 }
 PRODUCTION_DTYPE = torch.bfloat16
-PRODUCTION_WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1")  # the decoder projections' weight formats
+PRODUCTION_WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1", "fp8")  # the decoder projections' weight formats
+FP8_MIN_CAPABILITY = 89  # fp8 (e4m3) tensors: Ada and Hopper
 PRODUCTION_BLOCK_SIZES = (16,)  # what `hardware.detect_hardware` chooses on every GPU
 MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS = 256, 2048  # the engine's defaults
 
@@ -104,11 +108,15 @@ def _quantize_on_meta(model: torch.nn.Module, weights: str) -> None:
     """Swaps the decoder projections of a `meta` model for the layers of a quantized weight format."""
     from torch import nn
 
+    from services.llm.layers.fp8_linear import quantize_linears_fp8
     from services.llm.layers.gguf_linear import GGUFLinear
     from services.llm.layers.int8_linear import quantize_linears_int8
 
     if weights == "int8":
         quantize_linears_int8(model)
+        return
+    if weights == "fp8":
+        quantize_linears_fp8(model)
         return
     for layer in model.model.layers:
         for owner in (layer.self_attn, layer.mlp):
@@ -129,6 +137,7 @@ def production_launches(hf_config: dict[str, Any], block_size: int, weights: str
     from services.llm.kernels import launches
     from services.llm.kernels.cuda_graphs import default_capture_sizes
     from services.llm.kernels.dispatch import triton_everywhere
+    from services.llm.kernels.kv_store import FP8_KV_DTYPE
     from services.llm.layers.attention import AttentionMetadata
     from services.llm.loader import build_on_device
 
@@ -137,12 +146,13 @@ def production_launches(hf_config: dict[str, Any], block_size: int, weights: str
     model = build_on_device(config, device, PRODUCTION_DTYPE)
     if weights != "bf16":
         _quantize_on_meta(model, weights)
+    kv_dtype = FP8_KV_DTYPE if weights == "fp8" else PRODUCTION_DTYPE  # fp8 weights come with an fp8 KV cache
     max_model_len = config.max_position_embeddings
     max_blocks = -(-max_model_len // block_size)
     cache_shape = (max_blocks * 4, block_size, config.num_kv_heads, config.head_dim)
     for layer in model.attention_layers():
-        layer.bind_cache(torch.empty(cache_shape, dtype=PRODUCTION_DTYPE, device=device),
-                         torch.empty(cache_shape, dtype=PRODUCTION_DTYPE, device=device))
+        layer.bind_cache(torch.empty(cache_shape, dtype=kv_dtype, device=device),
+                         torch.empty(cache_shape, dtype=kv_dtype, device=device))
 
     def step(q_lens: list[int], width: int) -> None:
         tokens, batch = sum(q_lens), len(q_lens)
@@ -170,6 +180,12 @@ def production_launches(hf_config: dict[str, Any], block_size: int, weights: str
 
 
 # ---- specialization as Triton's JIT does it, compilation, resource usage ---------------------------------
+
+def min_capability(launch: Launch) -> int:
+    """The oldest architecture a launch can compile for: sm_89 when it passes an fp8 tensor, else any."""
+    fp8 = any(isinstance(a, tuple) and a[0] == "tensor" and a[1].startswith("float8") for a in launch.args)
+    return FP8_MIN_CAPABILITY if fp8 else 0
+
 
 def _kernel(name: str) -> Any:
     module, function = name.split(":")
@@ -282,12 +298,19 @@ def _compile_job(job: tuple[Specialization, int]) -> dict[str, Any]:
     return compile_one(spec, ARCHS[capability])
 
 
-def compile_all(sources: dict[str, list[Launch]], archs: Iterable[int], jobs: int = 1) -> list[dict[str, Any]]:
-    """Every distinct specialization of every source, compiled for each architecture (`jobs` processes)."""
+def compile_all(sources: dict[str, list[Launch]], archs: Iterable[int], jobs: int = 1,
+                skipped: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Every distinct specialization of every source, compiled for each architecture it can run on (`jobs`
+    processes); `skipped` counts, per "kernel sm_XX", the launches left out for an architecture too old."""
     work_items: dict[tuple[int, str], tuple[Specialization, list[str]]] = {}
     for source, recorded in sources.items():
         for launch in recorded:
             for capability in archs:
+                if capability < min_capability(launch):
+                    if skipped is not None:
+                        name = f"{launch.kernel.split(':')[1].strip('_')} sm_{capability}"
+                        skipped[name] = skipped.get(name, 0) + 1
+                    continue
                 spec = specialize(launch, capability)
                 _, used_by = work_items.setdefault((capability, spec.key), (spec, []))
                 if source not in used_by:
@@ -348,7 +371,8 @@ def main() -> int:
                     sources[f"{name} {weights} block {block_size}"] = production_launches(hf_config, block_size,
                                                                                           weights)
     started = time.perf_counter()
-    rows = compile_all(sources, archs, args.jobs)
+    skipped: dict[str, int] = {}
+    rows = compile_all(sources, archs, args.jobs, skipped)
     failures = [r for r in rows if r["error"]]
 
     print_table("Triton kernels compiled ahead of time (worst case over each kernel's specializations)",
@@ -372,6 +396,7 @@ def main() -> int:
                      "engine_limits": {"max_num_seqs": MAX_NUM_SEQS,
                                        "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}},
         "ours": {"specializations_compiled": len(rows), "failures": len(failures),
+                 "skipped_fp8_below_sm89": skipped,
                  "seconds": round(time.perf_counter() - started, 1), "triton": triton.__version__},
         "peer": None,
         "hardware_limit": {f"sm_{a}": {"max_shared_per_block": ARCHS[a].max_shared_per_block,
@@ -382,6 +407,8 @@ def main() -> int:
     out = args.out or RESULTS / f"kernels-compile-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    if skipped:
+        print(f"fp8 launches not compiled for architectures below sm_{FP8_MIN_CAPABILITY}: {skipped}")
     print(f"\n{len(rows)} compilations, {len(failures)} failed; wrote {out}")
     return 1 if args.check and failures else 0
 

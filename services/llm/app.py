@@ -88,7 +88,8 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),
                           max_lora_rank=settings.max_lora_rank, quantization=settings.quantization,
-                          cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights)
+                          cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights,
+                          kv_cache_dtype=settings.kv_cache_dtype)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)
@@ -166,6 +167,8 @@ class LLMService:
                 else {"method": "off"}
             metadata["max_loras"] = engine.config.max_loras
             metadata["quantization"] = engine.config.quantization
+            metadata["kv_cache_dtype"] = engine.config.kv_cache_dtype
+            metadata["kv_cache"] = engine.kv_cache_capacity()
             metadata["capabilities"] = self.capabilities()
             adapters = engine.lora_adapters()
         else:

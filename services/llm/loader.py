@@ -22,6 +22,7 @@ from torch import nn
 
 from services.llm.config import ModelConfig
 from services.llm.kernels.dispatch import use_triton_on
+from services.llm.layers.fp8_linear import quantize_linears_fp8
 from services.llm.layers.int8_linear import quantize_linears_int8
 from services.llm.layers.packed_linear import cpu_packing_available, pack_linears
 from services.llm.models import build_model
@@ -56,15 +57,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "fp8")
 GGUF_WEIGHTS = ("auto", "native", "dequantize")
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none",
                pack_cpu_weights: bool = True, gguf_weights: str = "auto") -> LoadedModel:
-    """`quantization`: the weight format of the decoder layers' projections, `none` (the dtype's) or `int8`
-    (weight-only, per output channel, quantized here from the checkpoint's weights). `pack_cpu_weights`: on a
-    CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout (`packed_linear`).
+    """`quantization`: the weight format of the decoder layers' projections, `none` (the dtype's), `int8` or
+    `fp8` (e4m3) (weight-only, per output channel, quantized here from the checkpoint's weights).
+    `pack_cpu_weights`: on a CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout
+    (`packed_linear`).
     `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1 projections in their blocks, `dequantize`
     widens every tensor to `dtype`, `auto` is `native` where a kernel reads the blocks (Triton on CUDA) and
     `dequantize` elsewhere."""
@@ -98,6 +100,9 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     if quantization == "int8":
         saved = quantize_linears_int8(net)
         log.info("int8 weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
+    elif quantization == "fp8":
+        saved = quantize_linears_fp8(net)
+        log.info("fp8 (e4m3) weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
     if pack_cpu_weights and cpu_packing_available(device, dtype):
         log.info("%d linear layers packed for oneDNN's bf16 kernels", pack_linears(net))
     check_placement(net, device, dtype)
@@ -126,11 +131,11 @@ def check_placement(net: nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 
 def _stored_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a parameter must have: `dtype`, except quantized weights (int8, or uint8 packed 4-bit) and the
-    fp16 scales and minimums of GGUF blocks."""
+    """The dtype a parameter must have: `dtype`, except quantized weights (int8, uint8 packed 4-bit, or fp8 e4m3)
+    and the fp16 scales and minimums of GGUF blocks."""
     kind = name.rpartition(".")[2]
     if kind == "qweight":
-        return tensor.dtype if tensor.dtype in (torch.int8, torch.uint8) else torch.int8
+        return tensor.dtype if tensor.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) else torch.int8
     return torch.float16 if kind in ("block_scale", "block_min") else dtype
 
 

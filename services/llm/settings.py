@@ -49,7 +49,11 @@ class LLMSettings(ServiceSettings):
                            "when it names none)")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank an adapter may have")
     quantization: str = Field("none", description="weight format of the decoder layers' projections: none (the "
-                              "dtype's) or int8 (weight-only, per output channel; on CPU a faster decode in bf16)")
+                              "dtype's), int8 (weight-only, per output channel; on CPU a faster decode in bf16) or "
+                              "fp8 (e4m3, per output channel; a Triton GEMM on sm_89+ GPUs, memory only on CPU)")
+    kv_cache_dtype: str = Field("auto", description="KV cache element type: auto (the model's dtype) or fp8 (e4m3, "
+                                "alias fp8_e4m3: one byte per element, about twice the tokens of a bf16 cache; "
+                                "sm_89+ GPUs or CPU)")
     cpu_weight_packing: bool = Field(True, description="on a CPU with native bf16 (AMX, AVX512-BF16), bf16 linear "
                                      "weights are reordered once at load into oneDNN's packed layout: the same "
                                      "outputs, faster steps (the LM head of a tied model gets its own copy)")

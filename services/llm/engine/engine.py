@@ -20,12 +20,13 @@ from tqdm import tqdm
 from services.llm.engine.block_manager import BlockManager
 from services.llm.engine.gpu_memory import plan_kv_budget
 from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
-from services.llm.engine.runner import ModelRunner, StepOutput, kv_bytes_per_block
+from services.llm.engine.runner import ModelRunner, StepOutput, kv_bytes_per_block, resolve_kv_cache_dtype
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
+from services.llm.kernels.kv_store import FP8_KV_DTYPE
 from services.llm.layers.lora import add_lora_layers
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from services.llm.lora_adapters import LoRAAdapter, LoRAAdapters, read_peft_adapter
@@ -56,7 +57,8 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     max_loras: int = 0  # LoRA adapter slots (0: no LoRA layers at all)
     max_lora_rank: int = 16
-    quantization: str = "none"  # weight format of the decoder projections: none or int8 (weight-only)
+    quantization: str = "none"  # weight format of the decoder projections: none, int8 or fp8 (weight-only)
+    kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype) or fp8 (e4m3)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1 projections: native (blocks), dequantize, or auto
 
@@ -73,6 +75,7 @@ class EngineConfig:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # an unknown name fails here
 
 
 class LLMEngine:
@@ -87,6 +90,8 @@ class LLMEngine:
         if self.device.type == "cpu":
             log.info("torch uses %d CPU threads", use_given_cores())
         self.dtype = self.hardware.dtype
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self._check_fp8_support()
         self.block_size = config.block_size or self.hardware.kv_block_size
         loaded = load_model(config.model, self.device, self.dtype, config.quantization,
                             pack_cpu_weights=config.cpu_weight_packing, gguf_weights=config.gguf_weights)
@@ -109,7 +114,8 @@ class LLMEngine:
         proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
-                                  num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided)
+                                  num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided,
+                                  self.kv_dtype)
         # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
                 and self.loras is None:
@@ -123,9 +129,9 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.draft_tokens_total = 0
         self.accepted_tokens_total = 0
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d (%.1fs)",
-                 self.model_name, self.device, self.dtype, num_blocks, self.block_size, self.max_model_len,
-                 time.perf_counter() - started)
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens in %s, max_model_len %d (%.1fs)",
+                 self.model_name, self.device, self.dtype, num_blocks, self.block_size, self.kv_dtype,
+                 self.max_model_len, time.perf_counter() - started)
 
     # ---- public API -------------------------------------------------------------------------------------
 
@@ -216,6 +222,17 @@ class LLMEngine:
 
     def lora_adapters(self) -> list[LoRAAdapter]:
         return list(self.loras.adapters.values()) if self.loras is not None else []
+
+    def kv_cache_capacity(self) -> dict[str, object]:
+        """The KV pool: its element type, how many blocks and tokens it holds, and how many it would hold in
+        the model's dtype on the same memory (`capacity_gain`: 2.0 for an fp8 pool beside bf16 weights)."""
+        blocks = self.block_manager.num_blocks
+        at_model_dtype = self.kv_budget_bytes // kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        return {"dtype": str(self.kv_dtype).removeprefix("torch."), "blocks": blocks, "block_size": self.block_size,
+                "tokens": blocks * self.block_size, "bytes": blocks * kv_bytes_per_block(
+                    self.model_config, self.block_size, self.kv_dtype),
+                "tokens_in_model_dtype": at_model_dtype * self.block_size,
+                "capacity_gain": round(blocks / max(1, at_model_dtype), 3)}
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._abort_outputs) or bool(self._pending_aborts)
@@ -409,14 +426,24 @@ class LLMEngine:
                     capacity)
         return capacity
 
+    def _check_fp8_support(self) -> None:
+        fp8 = [name for name, used in (("LLM_QUANTIZATION=fp8", self.config.quantization == "fp8"),
+                                       ("LLM_KV_CACHE_DTYPE=fp8", self.kv_dtype == FP8_KV_DTYPE)) if used]
+        if fp8 and not self.hardware.supports_fp8:
+            capability = ".".join(map(str, self.hardware.compute_capability or ()))
+            raise ValueError(f"{' and '.join(fp8)} need a GPU of compute capability 8.9 or newer (L40S, L4, H100); "
+                             f"{self.hardware.name} is {capability}. Use LLM_QUANTIZATION=int8 and "
+                             "LLM_KV_CACHE_DTYPE=auto there")
+
     def _num_kv_blocks(self, loaded: LoadedModel) -> int:
-        per_block = kv_bytes_per_block(loaded.config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(loaded.config, self.block_size, self.kv_dtype)
         if self.config.num_kv_blocks is not None:
             budget = self.config.num_kv_blocks * per_block
         elif self.device.type == "cuda":
             budget = self._gpu_kv_budget(loaded)
         else:
             budget = int(self.config.kv_cache_gib * 2 ** 30)
+        self.kv_budget_bytes = budget
         num_blocks = budget // per_block
         if num_blocks < 2:
             raise ValueError(f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks} blocks of "
@@ -432,7 +459,7 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats(self.device)
         peak, held = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                         min(self.max_model_len, self.config.max_num_batched_tokens),
-                                        self.config.max_num_seqs)
+                                        self.config.max_num_seqs, self.kv_dtype)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = plan_kv_budget(total, free, self.config.gpu_memory_utilization, peak, held)
         log.info("KV cache budget %.2f GiB (limited by the %s; GPU %.1f GiB, %.1f GiB free, share %.2f)",

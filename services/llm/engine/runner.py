@@ -23,6 +23,7 @@ from services.llm.engine.sequence import Sequence
 from services.llm.guided import GuidedDecoder
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
+from services.llm.kernels.kv_store import FP8_KV_DTYPE, fp8_kv_scale
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.lora import LoRABatch
 from services.llm.layers.sampler import LogitsMask, Sampler, SamplingRow
@@ -89,6 +90,18 @@ def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists
                       meta=meta, ends=cu_seqlens[1:].tolist())
 
 
+KV_CACHE_DTYPES = {"fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`LLM_KV_CACHE_DTYPE`: `auto` (the model's dtype) or `fp8` / `fp8_e4m3` (one byte per element)."""
+    if name == "auto":
+        return model_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}; choose auto or one of {sorted(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name]
+
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
@@ -96,13 +109,16 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 
 def allocate_kv_cache(model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The KV pool, one (keys, values) pair per layer, bound to the model's attention layers."""
+    """The KV pool, one (keys, values) pair per layer, bound to the model's attention layers; an fp8 pool with
+    each layer's key and value scales (powers of two from the layer's bounds, see `kv_store`)."""
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
     # empty + zero_ writes every page now: a lazily mapped pool faults pages in mid-step, tens of ms each.
     kv_cache = [(torch.empty(shape, dtype=dtype, device=device).zero_(),
                  torch.empty(shape, dtype=dtype, device=device).zero_()) for _ in range(config.num_layers)]
-    for layer, (k_cache, v_cache) in zip(model.attention_layers(), kv_cache, strict=True):
-        layer.bind_cache(k_cache, v_cache)
+    scales = [(fp8_kv_scale(k), fp8_kv_scale(v)) for k, v in model.kv_bounds()] if dtype == FP8_KV_DTYPE \
+        else [(1.0, 1.0)] * config.num_layers
+    for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(model.attention_layers(), kv_cache, scales, strict=True):
+        layer.bind_cache(k_cache, v_cache, k_scale, v_scale)
     return kv_cache
 
 
@@ -119,12 +135,14 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
                  proposer: Proposer | None = None, lora_batch: LoRABatch | None = None,
-                 guided: GuidedDecoder | None = None) -> None:
+                 guided: GuidedDecoder | None = None, kv_dtype: torch.dtype | None = None) -> None:
+        """`kv_dtype`: the KV pool's element type (None: the model's `dtype`)."""
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
-        self.kv_bytes_per_token = kv_bytes_per_block(config, 1, dtype) // config.num_layers
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_bytes_per_token = kv_bytes_per_block(config, 1, self.kv_dtype) // config.num_layers
         self.eos_token_ids = sorted(eos_token_ids)
-        self.kv_cache = allocate_kv_cache(model, config, num_blocks, block_size, dtype, device)
+        self.kv_cache = allocate_kv_cache(model, config, num_blocks, block_size, self.kv_dtype, device)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
@@ -282,12 +300,12 @@ class ModelRunner:
 
 @torch.inference_mode()
 def warm_up_step(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
-                 num_tokens: int, num_sampled: int) -> None:
+                 num_tokens: int, num_sampled: int, kv_dtype: torch.dtype | None = None) -> None:
     """The most memory a step can take: a prefill of `num_tokens` tokens against a throwaway cache just big
     enough, then `num_sampled` rows sampled with every filter and logprobs (sorting the vocabulary for each
     row is the sampler's peak). Runs on any device; `warm_up_peak_bytes` measures it on a GPU."""
     num_blocks = -(-num_tokens // block_size)
-    allocate_kv_cache(model, config, num_blocks, block_size, dtype, device)
+    allocate_kv_cache(model, config, num_blocks, block_size, kv_dtype or dtype, device)
     positions = torch.arange(num_tokens, device=device)
     meta = AttentionMetadata(slot_mapping=positions.clone(),
                              block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None, :],
@@ -309,9 +327,10 @@ def warm_up_step(model: nn.Module, config: ModelConfig, device: torch.device, dt
 
 
 def warm_up_peak_bytes(model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                       block_size: int, num_tokens: int, num_sampled: int) -> tuple[int, int]:
+                       block_size: int, num_tokens: int, num_sampled: int,
+                       kv_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """(peak, held): device memory at the warm-up step's peak, and what stays allocated after it (the weights)."""
-    warm_up_step(model, config, device, dtype, block_size, num_tokens, num_sampled)
+    warm_up_step(model, config, device, dtype, block_size, num_tokens, num_sampled, kv_dtype)
     torch.cuda.synchronize(device)
     peak, held = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()

@@ -5,9 +5,9 @@ which cache blocks each group reads, the masks, which prefills are whole prompts
 step by `plan_cpu_attention`, from the host-side lists the runner already has, so a layer does no host
 syncs and no index arithmetic. Per layer, `cpu_paged_attention`:
 - stores the step's keys and values into their cache slots (`index_copy_`, no masking: CPU steps have no
-  padding rows);
-- whole-prompt prefills attend over the layer's fresh keys and values, which are the cache's contents
-  for those tokens, so they are read in place (no gather from the pool);
+  padding rows), cast to the cache's dtype (fp8 for `LLM_KV_CACHE_DTYPE=fp8`);
+- whole-prompt prefills attend over the layer's fresh keys and values, as cast for the cache: they are the
+  cache's contents for those tokens, so they are read in place (no gather from the pool);
 - prefix-cache extensions and later prefill chunks gather their sequence's blocks once;
 - decodes run in groups of similar length, each padded only to its own longest and gathered with one
   `index_select` into a buffer small enough to stay in cache.
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from services.llm.kernels.kv_store import to_cache_dtype
 
 # Decode groups are cut so one group's gathered keys and values stay within this (about the L2 cache).
 DECODE_GROUP_BYTES = 2 * 2**20
@@ -115,15 +117,23 @@ def _plan_decodes(seqs: list[int], rows: list[int], lens: list[int], block_table
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, plan: CpuAttentionPlan, scale: float) -> torch.Tensor:
     """q `[T, Hq, D]`, k and v `[T, Hkv, D]` (this step's) → `[T, Hq, D]`; stores k and v in the cache first."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.slots, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.slots, v.to(v_cache.dtype))
+    # What the cache holds (the same tensors when it is in the model's dtype); whole prompts attend over these.
+    k, v = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype)
+    _write(k_cache, plan.slots, k)
+    _write(v_cache, plan.slots, v)
     out = torch.empty_like(q)
     for prefill in plan.prefills:
         _prefill(q, k, v, k_cache, v_cache, prefill, scale, out)
     for group in plan.decodes:
         _decode(q, k_cache, v_cache, group, scale, out)
     return out
+
+
+def _write(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    if cache.element_size() == 1:  # fp8: torch's CPU index_copy_ has no fp8 kernel, a byte copy is the same
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, rows)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

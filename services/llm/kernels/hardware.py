@@ -28,6 +28,8 @@ from services.llm.kernels.dispatch import triton_available
 # Triton's tensor-core paths need Ampere or newer for bf16; Turing/Volta still run them in fp16.
 _MIN_TRITON_CAPABILITY = (7, 5)
 _BF16_CAPABILITY = (8, 0)
+# fp8 e4m3 (weights and the KV cache) needs Ada or Hopper: Triton has no e4m3 conversions below sm_89.
+FP8_CAPABILITY = (8, 9)
 # /proc/cpuinfo flags of x86 cores with native bf16 matrix math.
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
@@ -44,6 +46,11 @@ class HardwareProfile:
     kernels: str  # "triton" or "torch"
     kv_block_size: int
     use_cuda_graphs: bool
+
+    @property
+    def supports_fp8(self) -> bool:
+        """Whether fp8 e4m3 weights and KV cache can run: on the CPU through torch, on GPUs from sm_89."""
+        return self.compute_capability is None or self.kernels != "triton" or self.compute_capability >= FP8_CAPABILITY
 
     @property
     def profile(self) -> str:

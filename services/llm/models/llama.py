@@ -5,6 +5,7 @@ Q/K/V and gate/up projections are fused into one matmul each; `load_weights` fus
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -70,6 +71,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    @torch.no_grad()
+    def kv_bounds(self) -> tuple[float, float]:
+        """Upper bounds on the magnitude of any key and any value element this layer can write, from its weights
+        alone: the normalized input has norm sqrt(hidden) (RMS 1; the norm's weight is folded into the rows), so
+        a projection row's output is at most the row's norm times that (Cauchy-Schwarz), plus its bias; rotary
+        mixes key dimensions in pairs, at most sqrt(2) times the largest row bound."""
+        attn = self.self_attn
+        weight, bias = _projection(attn.qkv_proj, self.input_layernorm.weight)
+        rows = weight * self.input_layernorm.weight.float()
+        bounds = rows.norm(dim=1) * math.sqrt(rows.shape[1]) + bias.abs()
+        keys, values = bounds[attn.q_size:attn.q_size + attn.kv_size], bounds[attn.q_size + attn.kv_size:]
+        return math.sqrt(2) * float(keys.max()), float(values.max())
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -80,6 +94,14 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def _projection(linear: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight `[out, in]`, bias `[out]`) in fp32 of a projection as it computes, whatever its storage (packed,
+    int8, fp8, GGUF blocks, LoRA-wrapped): read off its outputs for zero and for the identity."""
+    eye = torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
+    bias = linear(torch.zeros_like(eye[:1])).float()[0]
+    return (linear(eye).float() - bias).T, bias
 
 
 class LlamaModel(nn.Module):
@@ -112,6 +134,10 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def kv_bounds(self) -> list[tuple[float, float]]:
+        """Per layer, bounds on the magnitude of the keys and values it writes (see the layer's)."""
+        return [layer.kv_bounds() for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states `[T, hidden]` for the packed tokens of the step."""

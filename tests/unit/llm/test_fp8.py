@@ -1,0 +1,165 @@
+"""fp8 e4m3 weights (`LLM_QUANTIZATION=fp8`) and the fp8 KV cache (`LLM_KV_CACHE_DTYPE=fp8`) through the engine:
+greedy output equals transformers computing with the same rounding, the pool holds twice the tokens of a bf16
+one and /v1/models says so, and the bundled model's perplexity stays close to its own dtype's."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.model_files import bundled_llm
+from services.llm.engine import EngineConfig
+from services.llm.kernels.fp8_matmul import quantize_fp8_per_channel
+from services.llm.kernels.hardware import cuda_profile
+from services.llm.kernels.kv_store import FP8_KV_DTYPE, fp8_kv_scale, to_cache_dtype
+from services.llm.layers.fp8_linear import quantize_linears_fp8
+from services.llm.loader import load_model
+from services.llm.perplexity import perplexity
+
+from .conftest import hf_generate
+from .test_engine_greedy import greedy, random_prompts
+from .test_quantization import TEXT
+
+
+def e4m3(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an e4m3 cache with this scale gives back for `t`."""
+    return to_cache_dtype(t / scale, FP8_KV_DTYPE).to(t.dtype) * scale
+
+
+def hf_model(model_dir: Path, kv_scales: list[tuple[float, float]] | None = None) -> torch.nn.Module:
+    """transformers' model with eager attention, over keys (rotated, as stored) and values as an e4m3 cache with
+    these per-layer scales holds them (None: plain eager attention)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if kv_scales is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+
+    def e4m3_kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k_scale, v_scale = kv_scales[module.layer_idx]
+        return eager_attention_forward(module, query, e4m3(key, k_scale), e4m3(value, v_scale), *args, **kwargs)
+
+    AttentionInterface.register("e4m3_kv", e4m3_kv_attention)
+    AttentionMaskInterface.register("e4m3_kv", ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # causal, as eager's
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="e4m3_kv")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3"])
+def test_fp8_kv_cache_engine_matches_transformers_over_e4m3_keys_and_values(kind: str, tiny_models: dict[str, Path],
+                                                                          make_engine) -> None:
+    prompts = random_prompts(4, 5, 60, seed=23)
+    # Prefills, chunked prefills and decodes all read the pool: a small step budget splits the long prompts.
+    engine = make_engine(tiny_models[kind], kv_cache_dtype="fp8", max_num_batched_tokens=32,
+                         long_prefill_token_threshold=16)
+    scales = [(layer.k_scale, layer.v_scale) for layer in engine.runner.model.attention_layers()]
+    expected = hf_generate(hf_model(tiny_models[kind], scales), prompts, 10)
+    outputs = engine.generate(prompts, greedy(10), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(k.dtype == v.dtype == FP8_KV_DTYPE for k, v in engine.runner.kv_cache)
+    # The rounding matters on these models: without it transformers answers differently, so the check has teeth.
+    assert hf_generate(hf_model(tiny_models[kind]), prompts, 10) != expected
+
+
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_fp8_kv_scales_bound_what_each_layer_writes(quantization: str, tiny_models: dict[str, Path],
+                                                    make_engine) -> None:
+    # An fp32 pool keeps the exact keys and values; every one must lie within the layer's bound from its weights.
+    engine = make_engine(tiny_models["qwen2"], quantization=quantization)
+    engine.generate(random_prompts(4, 20, 60, seed=5), greedy(8), use_tqdm=False)
+    for (k_bound, v_bound), (k_cache, v_cache) in zip(engine.runner.model.kv_bounds(), engine.runner.kv_cache,
+                                                      strict=True):
+        assert 0 < k_cache.abs().max() <= k_bound and 0 < v_cache.abs().max() <= v_bound
+        # Loose by the Cauchy-Schwarz gap, but within e4m3's 2**15 normal range of the largest value by far.
+        assert k_bound < 256 * k_cache.abs().max() and v_bound < 256 * v_cache.abs().max()
+        for bound in (k_bound, v_bound):
+            scale = fp8_kv_scale(bound)
+            assert math.log2(scale).is_integer() and 224 < bound / scale <= 448
+
+
+def test_fp8_weights_engine_matches_transformers_on_the_dequantized_weights(tiny_models: dict[str, Path],
+                                                                          make_engine) -> None:
+    model_dir = tiny_models["qwen2"]  # biases too
+    prompts = random_prompts(4, 5, 40, seed=31)
+    hf = hf_model(model_dir)
+    with torch.no_grad():  # the weights fp8 holds, widened back: what the engine computes with
+        for layer in hf.model.layers:
+            for proj in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
+                w8, scale = quantize_fp8_per_channel(proj.weight)
+                proj.weight.copy_(w8.float() * scale[:, None])
+    expected = hf_generate(hf, prompts, 12)
+    engine = make_engine(model_dir, quantization="fp8")
+    outputs = engine.generate(prompts, greedy(12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    fp8_params = [p for n, p in engine.runner.model.named_parameters() if n.endswith("qweight")]
+    assert fp8_params and all(p.dtype == torch.float8_e4m3fn for p in fp8_params)
+
+
+def test_fp8_pool_holds_twice_the_tokens_of_bf16_in_the_same_memory(tiny_models: dict[str, Path],
+                                                                    make_engine) -> None:
+    pools = {kv: make_engine(tiny_models["llama"], dtype="bfloat16", kv_cache_dtype=kv, kv_cache_gib=0.002)
+             for kv in ("auto", "fp8_e4m3")}
+    auto, fp8 = (pools[kv].kv_cache_capacity() for kv in ("auto", "fp8_e4m3"))
+    assert auto["dtype"] == "bfloat16" and fp8["dtype"] == "float8_e4m3fn"
+    assert fp8["blocks"] == 2 * auto["blocks"] and fp8["tokens"] == fp8["blocks"] * fp8["block_size"]
+    assert fp8["bytes"] == auto["bytes"] <= 0.002 * 2**30
+    assert fp8["tokens_in_model_dtype"] == auto["tokens"] and fp8["capacity_gain"] == 2.0
+    assert auto["capacity_gain"] == 1.0
+
+
+def test_kv_cache_dtype_is_checked() -> None:
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'int4'"):
+        EngineConfig(model="x", kv_cache_dtype="int4")
+
+    class Props:
+        name, total_memory, multi_processor_count = "GPU", 2**34, 100
+
+    def profile(major: int, minor: int) -> object:
+        props = Props()
+        props.major, props.minor = major, minor
+        return cuda_profile(0, props)
+
+    # Triton lowers e4m3 only from Ada (sm_89) on: an A100 is refused at start, with the alternative named.
+    assert profile(8, 0).supports_fp8 == (profile(8, 0).kernels != "triton")
+    assert profile(8, 9).supports_fp8 and profile(9, 0).supports_fp8
+
+
+def test_models_endpoint_reports_the_kv_cache_and_its_gain(tiny_models: dict[str, Path]) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.llm.app import build_app
+    from services.llm.settings import LLMSettings
+
+    settings = LLMSettings(model=str(tiny_models["llama"]), device="cpu", dtype="bfloat16", kv_cache_dtype="fp8",
+                           kv_cache_gib=0.002)
+    with TestClient(build_app(settings)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/v1/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the engine did not load"
+            time.sleep(0.1)
+        card = client.get("/v1/models").json()["data"][0]
+    assert card["kv_cache_dtype"] == "fp8"
+    kv = card["kv_cache"]
+    assert kv["dtype"] == "float8_e4m3fn" and kv["capacity_gain"] == 2.0
+    assert kv["tokens"] == kv["blocks"] * kv["block_size"] == 2 * kv["tokens_in_model_dtype"]
+
+
+@pytest.mark.slow  # loads the bundled 135M model (about 10 CPU-seconds, 30 s wall on the loaded shared box)
+def test_fp8_perplexity_stays_close_on_the_bundled_model() -> None:
+    """bf16, the GPU serving dtype fp8 is meant for. On this 135M model e4m3 costs about 1% each, weights or KV
+    cache (README: 12 SQuAD paragraphs); the bound leaves room for the text's rounding luck, which is ±0.5%."""
+    device, dtype = torch.device("cpu"), torch.bfloat16
+    loaded = load_model(str(bundled_llm()), device, dtype)
+    tokens = loaded.tokenizer(TEXT)["input_ids"]
+    baseline = perplexity(loaded, tokens, device, dtype)
+    fp8_kv = perplexity(loaded, tokens, device, dtype, kv_dtype=FP8_KV_DTYPE)
+    quantize_linears_fp8(loaded.model)
+    fp8_weights = perplexity(loaded, tokens, device, dtype)
+    changes = {"kv": fp8_kv / baseline - 1, "weights": fp8_weights / baseline - 1}
+    assert all(abs(change) < 0.02 for change in changes.values()), changes
