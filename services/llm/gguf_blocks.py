@@ -1,10 +1,10 @@
 """Keeps a GGUF file's quantized decoder projections in their block format (the loader's native GGUF path).
 
 The loader first loads every tensor dequantized (transformers' reader, as for any GGUF); this swaps each
-decoder projection whose GGUF tensors are Q8_0, Q4_0 or Q4_1 for a `GGUFLinear` over the file's own blocks,
+decoder projection whose GGUF tensors are Q8_0, Q4_0, Q4_1 or Q4_K for a `GGUFLinear` over the file's blocks,
 read with the `gguf` package. Fused projections (q/k/v, gate/up) take their parts' rows one after the other,
 so all parts must share a format; otherwise the projection stays dequantized, as do the embeddings, the LM head
-and every other format (Q4_K, Q5_*, Q6_K, ...). Rows move whole, so llama.cpp's Q/K row permutation is undone
+and every other format (Q5_*, Q6_K, ...). Rows move whole, so llama.cpp's Q/K row permutation is undone
 on the blocks by the reader's own permutation applied to row indices. Every swapped projection is checked
 against the dequantized weights it replaces: they must be equal, bit for bit.
 """

@@ -1,10 +1,10 @@
 """Loads a model and its tokenizer from a local Hugging Face directory, a `.gguf` file, or a hub id.
 
 GGUF weights are dequantized at load by transformers' reader, which also undoes llama.cpp's Q/K row
-permutation; the tokenizer and chat template come from the file's metadata. Decoder projections in Q8_0, Q4_0
-or Q4_1 are then swapped for layers over the file's own blocks where a kernel reads them on the device
-(`gguf_weights`, see `gguf_blocks.py`). Hub ids go through the
-standard `huggingface_hub` download (offline under HF_HUB_OFFLINE=1, which the tests set).
+permutation; the tokenizer and chat template come from the file's metadata. Decoder projections in Q8_0,
+Q4_0, Q4_1 or Q4_K are then swapped for layers over the file's own blocks where a kernel reads them on the
+device (`gguf_weights`, see `gguf_blocks.py`). Hub ids go through the standard `huggingface_hub` download
+(offline under HF_HUB_OFFLINE=1, which the tests set).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     `fp8` (e4m3) (weight-only, per output channel, quantized here from the checkpoint's weights).
     `pack_cpu_weights`: on a CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout
     (`packed_linear`).
-    `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1 projections in their blocks, `dequantize`
+    `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1/Q4_K projections in their blocks, `dequantize`
     widens every tensor to `dtype`, `auto` is `native` where a kernel reads the blocks (Triton on CUDA) and
     `dequantize` elsewhere."""
     if quantization not in QUANTIZATIONS:
@@ -132,11 +132,13 @@ def check_placement(net: nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 def _stored_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a parameter must have: `dtype`, except quantized weights (int8, uint8 packed 4-bit, or fp8 e4m3)
-    and the fp16 scales and minimums of GGUF blocks."""
+    and the scales and minimums of GGUF blocks (fp16, or fp32 for Q4_K's expanded sub-block scales)."""
     kind = name.rpartition(".")[2]
     if kind == "qweight":
         return tensor.dtype if tensor.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) else torch.int8
-    return torch.float16 if kind in ("block_scale", "block_min") else dtype
+    if kind in ("block_scale", "block_min"):
+        return tensor.dtype if tensor.dtype in (torch.float16, torch.float32) else torch.float16
+    return dtype
 
 
 def parameter_count(net: nn.Module) -> int:

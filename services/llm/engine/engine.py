@@ -60,7 +60,7 @@ class EngineConfig:
     quantization: str = "none"  # weight format of the decoder projections: none, int8 or fp8 (weight-only)
     kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype) or fp8 (e4m3)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
-    gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1 projections: native (blocks), dequantize, or auto
+    gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1/Q4_K projections: native (blocks), dequantize, or auto
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:

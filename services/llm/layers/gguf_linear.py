@@ -1,4 +1,5 @@
-"""A linear layer whose weights stay in a GGUF block format (Q8_0, Q4_0, Q4_1), the loader's native GGUF path."""
+"""A linear layer whose weights stay in a GGUF block format (Q8_0, Q4_0, Q4_1, Q4_K), the loader's native GGUF
+path."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class GGUFLinear(nn.Module):
     def __init__(self, fmt: str, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
                  bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        assert fmt in FORMATS and scale.dtype == torch.float16 and q.shape[0] == scale.shape[0]
+        assert fmt in FORMATS and scale.dtype in (torch.float16, torch.float32) and q.shape[0] == scale.shape[0]
         self.fmt, self.format_id, self.dtype = fmt, FORMATS[fmt], dtype
         self.out_features, self.in_features = scale.shape[0], scale.shape[1] * BLOCK
         self.qweight = nn.Parameter(q, requires_grad=False)

@@ -36,19 +36,30 @@ def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
         weights.shape)
 
 
-def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, str] | None = None) -> Path:
+def random_q4_k_rows(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Q4_K rows `[rows, cols / 256 * 144]` of random blocks (the `gguf` package cannot quantize to Q4_K): small
+    positive fp16 `d` and `dmin`, random 6-bit scales and mins, random nibbles."""
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    blocks[:, 0:2] = (rng.random((len(blocks), 1)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8)
+    blocks[:, 2:4] = (rng.random((len(blocks), 1)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, str] | None = None,
+                    hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
     """A 2-layer Llama (GQA 4/2, tied embeddings) with decoder projections in `fmt` (a GGML type name; per
-    projection, e.g. `{"attn_v": "Q8_0"}`, in `overrides`) and everything else in F32."""
+    projection, e.g. `{"attn_v": "Q8_0"}`, in `overrides`) and everything else in F32. Q4_K's super-blocks
+    need `hidden` and `intermediate` to be multiples of 256; its blocks are random."""
     vocab = tokens()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(1024)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_rope_dimension_count(hidden // HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(len(vocab))
     writer.add_tokenizer_model("gpt2")
@@ -67,20 +78,22 @@ def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, st
     def dense(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * 0.2).astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", dense(len(vocab), HIDDEN))
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    head_dim = HIDDEN // HEADS
+    writer.add_tensor("token_embd.weight", dense(len(vocab), hidden))
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    head_dim = hidden // HEADS
     for i in range(LAYERS):
-        projections = {"attn_q": llama_cpp_permute(dense(HEADS * head_dim, HIDDEN), HEADS),
-                       "attn_k": llama_cpp_permute(dense(KV_HEADS * head_dim, HIDDEN), KV_HEADS),
-                       "attn_v": dense(KV_HEADS * head_dim, HIDDEN), "attn_output": dense(HIDDEN, HIDDEN),
-                       "ffn_gate": dense(INTERMEDIATE, HIDDEN), "ffn_up": dense(INTERMEDIATE, HIDDEN),
-                       "ffn_down": dense(HIDDEN, INTERMEDIATE)}
+        projections = {"attn_q": llama_cpp_permute(dense(HEADS * head_dim, hidden), HEADS),
+                       "attn_k": llama_cpp_permute(dense(KV_HEADS * head_dim, hidden), KV_HEADS),
+                       "attn_v": dense(KV_HEADS * head_dim, hidden), "attn_output": dense(hidden, hidden),
+                       "ffn_gate": dense(intermediate, hidden), "ffn_up": dense(intermediate, hidden),
+                       "ffn_down": dense(hidden, intermediate)}
         for name, weights in projections.items():
             qtype = gguf.GGMLQuantizationType[(overrides or {}).get(name, fmt)]
-            writer.add_tensor(f"blk.{i}.{name}.weight", gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+            data = (random_q4_k_rows(*weights.shape, rng) if qtype == gguf.GGMLQuantizationType.Q4_K
+                    else gguf.quants.quantize(weights, qtype))
+            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=qtype)
         for name in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+            writer.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

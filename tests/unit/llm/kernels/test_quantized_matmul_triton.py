@@ -11,6 +11,7 @@ import torch
 from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul_reference, unpack_rows
 from services.llm.kernels.int8_matmul import int8_matmul_reference, quantize_int8_per_channel
 from services.llm.kernels.quantized_matmul_triton import gguf_matmul_triton, int8_matmul_triton, tiles
+from tests.unit.llm.gguf_files import random_q4_k_rows
 from tests.unit.llm.kernels.triton_mode import requires_interpreter
 
 # The interpreter multiplies bf16 `tl.dot` operands as raw 16-bit patterns, so bf16 is left to tests/gpu.
@@ -21,9 +22,21 @@ ROWS = [1, 5, 40, 130]
 OUT_FEATURES, IN_FEATURES = 96, 160
 
 
+# Q4_K's super-blocks hold 256 weights: 768 input features are three of them.
+Q4_K_IN_FEATURES = 768
+
+
+def gguf_rows(fmt: str, seed: int) -> np.ndarray:
+    """GGUF rows of `fmt`: quantized by the `gguf` package, or random blocks for Q4_K (which it cannot quantize)."""
+    rng = np.random.default_rng(seed)
+    if fmt == "Q4_K":
+        return random_q4_k_rows(OUT_FEATURES, Q4_K_IN_FEATURES, rng)
+    weights = rng.standard_normal((OUT_FEATURES, IN_FEATURES)).astype(np.float32)
+    return gguf.quants.quantize(weights, gguf.GGMLQuantizationType[fmt])
+
+
 def gguf_blocks(fmt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    weights = np.random.default_rng(seed).standard_normal((OUT_FEATURES, IN_FEATURES)).astype(np.float32)
-    return unpack_rows(fmt, gguf.quants.quantize(weights, gguf.GGMLQuantizationType[fmt]))
+    return unpack_rows(fmt, gguf_rows(fmt, seed))
 
 
 def tolerance(dtype: torch.dtype, expected: torch.Tensor) -> dict[str, float]:
@@ -37,13 +50,13 @@ def test_tilings_differ_by_row_count() -> None:
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_block_layout_dequantizes_as_the_gguf_package_does(fmt: str) -> None:
-    weights = np.random.default_rng(7).standard_normal((OUT_FEATURES, IN_FEATURES)).astype(np.float32)
-    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[fmt])
+    raw = gguf_rows(fmt, seed=7)
     q, scale, minimum = unpack_rows(fmt, raw)
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt])
     assert np.array_equal(dequantize(FORMATS[fmt], q, scale, minimum).numpy(), want)
-    assert q.dtype == (torch.int8 if fmt == "Q8_0" else torch.uint8) and scale.dtype == torch.float16
-    assert (minimum is not None) == (fmt == "Q4_1")
+    assert q.dtype == (torch.int8 if fmt == "Q8_0" else torch.uint8)
+    assert scale.dtype == (torch.float32 if fmt == "Q4_K" else torch.float16)
+    assert (minimum is not None) == (fmt in ("Q4_1", "Q4_K"))
 
 
 @requires_interpreter
@@ -67,7 +80,7 @@ def test_int8_kernel_matches_reference(dtype: torch.dtype, rows: int) -> None:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_gguf_kernel_matches_reference(fmt: str, dtype: torch.dtype, rows: int) -> None:
     q, scale, minimum = gguf_blocks(fmt, seed=rows)
-    x = torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    x = torch.randn(rows, scale.shape[1] * 32, generator=torch.Generator().manual_seed(rows)).to(dtype)
     weights = dequantize(FORMATS[fmt], q, scale, minimum).to(dtype)
     expected = x.double() @ weights.double().T
     got = gguf_matmul_triton(x, FORMATS[fmt], q, scale, minimum)
