@@ -25,6 +25,8 @@ if not _cuda_available():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests on the service images run last: CI (.ci/run) builds the images in the background meanwhile.
+    items.sort(key=lambda item: "images" in item.keywords)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

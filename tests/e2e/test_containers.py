@@ -38,6 +38,7 @@ MISSING_TOOLS = [tool for tool in ("docker", "docker-compose", "dockerd") if shu
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.images,  # collected last (tests/conftest.py), after the rest of the suite
     pytest.mark.timeout(3600),  # the first run builds the base image and the images
     pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"needs {', '.join(MISSING_TOOLS)} (apt-get install docker.io "
                                                    "docker-compose debootstrap; .ci/run does it)"),
@@ -76,9 +77,27 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         started.wait(timeout=60)
 
 
+def wait_for_background_build() -> None:
+    """`.ci/run` builds the images in the background while the rest of the suite runs: wait for it to finish (its
+    exit status lands in $CI_IMAGES_STATUS) so the build below only reuses its layers."""
+    status_file = os.environ.get("CI_IMAGES_STATUS")
+    if not status_file:
+        return
+    started = time.monotonic()
+    while not Path(status_file).exists():
+        assert time.monotonic() - started < 3600, "the background image build did not finish within an hour"
+        time.sleep(5)
+    log = Path(os.environ.get("CI_IMAGES_LOG", "/dev/null"))
+    status = Path(status_file).read_text().strip()
+    tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+    assert status == "0", f"the background image build failed (exit {status}):\n{tail}"
+    print(f"waited {time.monotonic() - started:.0f} s for the background image build", file=sys.stderr)
+
+
 @pytest.fixture(scope="module")
 def images(engine: None) -> dict[str, str]:
     """The four CPU images, built by the same Makefile target a user runs (cached layers make reruns quick)."""
+    wait_for_background_build()
     started = time.monotonic()
     run("make", "-s", "images", timeout=3600, env={"CPU_IMAGE_TAG": IMAGE_TAG})
     print(f"make images: {time.monotonic() - started:.0f} s", file=sys.stderr)

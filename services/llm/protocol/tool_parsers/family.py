@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from typing import Any
 
 from services.llm.protocol.tool_parsers.base import ToolCallFormat, ToolCallStream
@@ -12,15 +13,16 @@ from services.llm.protocol.tool_parsers.base import ToolCallFormat, ToolCallStre
 MAX_WHITESPACE = 1
 
 
-class ToolCallFamily:
+class ToolCallFamily(ABC):
     """One chat-template family. Subclasses set `name` and `format`, and say which templates are theirs."""
 
     name = ""
     format: ToolCallFormat
 
     @classmethod
+    @abstractmethod
     def matches(cls, template: str) -> bool:
-        raise NotImplementedError
+        """Whether a chat template is written for this family's tool-call format."""
 
     def stream(self) -> ToolCallStream:
         return ToolCallStream(self.format)
