@@ -8,7 +8,8 @@ weights, an fp8 KV cache over the dtype's weights, and fp8 weights with an fp8 K
 `--no-speed` skips it): the same prompts (the first paragraphs, as plain text), `--max-tokens` new tokens each
 with EOS ignored, at batch 1 and batch 8, one untimed warm-up per engine, model load outside the timed region;
 int8 and its baseline alternate per batch size in one process.
-Writes bench/results/llm_quantization-*.json. Needs ../shared/eval/squad.
+Writes bench/results/llm_quantization-*.json (with `--no-speed`: llm_quantization_quality-*.json). Needs
+../shared/eval/squad.
 
     python bench/llm_quantization.py
     python bench/llm_quantization.py --dtypes bfloat16 --num-paragraphs 16
@@ -117,7 +118,9 @@ def main() -> None:
                 "speed": args.speed, "speed_prompts": "first 8 paragraphs, truncated to 256 tokens",
                 "max_tokens": args.max_tokens, "batch_sizes": args.batch_sizes,
                 "note": "one process, int8 and baseline alternate per batch size"}
-    path = save_result("llm_quantization", workload=workload, ours=results,
+    # Quality alone is a different measurement from the full run: it gets its own file, not the full run's.
+    path = save_result("llm_quantization" if args.speed else "llm_quantization_quality", workload=workload,
+                       ours=results,
                        peer={"note": "the baseline is our own engine with the dtype's weights, in the same run"})
     print(f"saved {path}")
 

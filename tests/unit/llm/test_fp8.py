@@ -13,12 +13,15 @@ import torch
 
 from common.model_files import bundled_llm
 from services.llm.engine import EngineConfig
+from services.llm.kernels import launches
+from services.llm.kernels.dispatch import triton_everywhere
 from services.llm.kernels.fp8_matmul import quantize_fp8_per_channel
 from services.llm.kernels.hardware import cuda_profile
 from services.llm.kernels.kv_store import FP8_KV_DTYPE, fp8_kv_scale, to_cache_dtype
 from services.llm.layers.fp8_linear import quantize_linears_fp8
 from services.llm.loader import load_model
 from services.llm.perplexity import perplexity
+from tests.unit.llm.kernels.triton_mode import requires_interpreter
 
 from .conftest import hf_generate
 from .test_engine_greedy import greedy, random_prompts
@@ -152,14 +155,34 @@ def test_models_endpoint_reports_the_kv_cache_and_its_gain(tiny_models: dict[str
 
 @pytest.mark.slow  # loads the bundled 135M model (about 10 CPU-seconds, 30 s wall on the loaded shared box)
 def test_fp8_perplexity_stays_close_on_the_bundled_model() -> None:
-    """bf16, the GPU serving dtype fp8 is meant for. On this 135M model e4m3 costs about 1% each, weights or KV
-    cache (README: 12 SQuAD paragraphs); the bound leaves room for the text's rounding luck, which is ±0.5%."""
-    device, dtype = torch.device("cpu"), torch.bfloat16
+    """fp32 on the fixed text. The KV cache's per-layer scales matter here: with a scale of 1.0 the first layer's
+    values fall into e4m3's subnormals and perplexity rises 1.5%; with them, about 1.0%. fp8 weights cost 1.6% on
+    this text and about 4% on 12 SQuAD paragraphs (README): e4m3's 3-bit mantissa against weights that came from
+    uniform 4-bit blocks, where int8 per channel loses 0.2%."""
+    device, dtype = torch.device("cpu"), torch.float32
     loaded = load_model(str(bundled_llm()), device, dtype)
     tokens = loaded.tokenizer(TEXT)["input_ids"]
     baseline = perplexity(loaded, tokens, device, dtype)
     fp8_kv = perplexity(loaded, tokens, device, dtype, kv_dtype=FP8_KV_DTYPE)
     quantize_linears_fp8(loaded.model)
     fp8_weights = perplexity(loaded, tokens, device, dtype)
-    changes = {"kv": fp8_kv / baseline - 1, "weights": fp8_weights / baseline - 1}
-    assert all(abs(change) < 0.02 for change in changes.values()), changes
+    assert 0 < fp8_kv / baseline - 1 < 0.0125, (fp8_kv, baseline)
+    assert 0 < fp8_weights / baseline - 1 < 0.02, (fp8_weights, baseline)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_engine_through_the_triton_kernels_gives_the_reference_tokens_with_fp8(dtype: str, tiny_models: dict[str, Path],
+                                                                               make_engine) -> None:
+    # fp8 weights and KV cache: the fp8 GEMM, the e4m3 store and the attention kernels reading it, in prefill,
+    # chunked prefill and decode steps, against the CPU reference path on the same engine settings.
+    settings = {"dtype": dtype, "quantization": "fp8", "kv_cache_dtype": "fp8", "max_num_batched_tokens": 16,
+                "block_size": 4, "num_kv_blocks": 64}
+    prompts = random_prompts(3, 3, 30, seed=8)
+    with triton_everywhere(), launches.record() as recorded:
+        engine = make_engine(tiny_models["qwen2"], **settings)
+        triton_tokens = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy(6), use_tqdm=False)]
+    reference = make_engine(tiny_models["qwen2"], **settings)
+    assert triton_tokens == [o.outputs[0].token_ids for o in reference.generate(prompts, greedy(6), use_tqdm=False)]
+    ran = {launch.kernel.split(":")[1] for launch in recorded}
+    assert {"_fp8_matmul_kernel", "_store_kv_kernel", "_prefill_kernel", "_decode_split_kernel"} <= ran
