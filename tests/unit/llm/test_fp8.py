@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from common.model_files import bundled_llm
-from services.llm.engine import EngineConfig
+from services.llm.engine import EngineConfig, LLMEngine
+from services.llm.engine import engine as engine_module
 from services.llm.kernels import launches
 from services.llm.kernels.dispatch import triton_everywhere
 from services.llm.kernels.fp8_matmul import quantize_fp8_per_channel
@@ -116,7 +117,7 @@ def test_fp8_pool_holds_twice_the_tokens_of_bf16_in_the_same_memory(tiny_models:
     assert auto["capacity_gain"] == 1.0
 
 
-def test_kv_cache_dtype_is_checked() -> None:
+def test_kv_cache_dtype_is_checked(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown KV cache dtype 'int4'"):
         EngineConfig(model="x", kv_cache_dtype="int4")
 
@@ -131,6 +132,11 @@ def test_kv_cache_dtype_is_checked() -> None:
     # Triton lowers e4m3 only from Ada (sm_89) on: an A100 is refused at start, with the alternative named.
     assert profile(8, 0).supports_fp8 == (profile(8, 0).kernels != "triton")
     assert profile(8, 9).supports_fp8 and profile(9, 0).supports_fp8
+    if profile(8, 0).kernels == "triton":
+        monkeypatch.setattr(engine_module, "detect_hardware", lambda *args: profile(8, 0))
+        for fp8 in ({"kv_cache_dtype": "fp8"}, {"quantization": "fp8"}):
+            with pytest.raises(ValueError, match=r"compute capability 8\.9 or newer .* LLM_QUANTIZATION=int8"):
+                LLMEngine(EngineConfig(model=str(tiny_models["llama"]), device="cpu", **fp8))
 
 
 def test_models_endpoint_reports_the_kv_cache_and_its_gain(tiny_models: dict[str, Path]) -> None:
