@@ -115,3 +115,16 @@ def test_logprobs_are_the_models_own() -> None:
     assert [t for t, _ in top] == reference.topk(3).indices.tolist()
     assert top[0][0] == out.token_ids[0]
     assert out.logprobs[1] is None
+
+
+def test_greedy_takes_the_first_of_tied_maxima_like_argmax() -> None:
+    logits = torch.randn(6, 49152)
+    top = logits.max() + 1
+    logits[0, [7, 3, 9000]] = top  # a three-way tie: index 3 comes first
+    logits[1, :] = float("-inf")
+    logits[1, [40000, 41000]] = 0.0  # everything else forbidden (a grammar mask), two tied survivors
+    logits[2, -1] = top  # the last token
+    logits[3, 0] = top  # the first token
+    out = Sampler(seeded(0))(logits, [row(SamplingParams(temperature=0.0)) for _ in range(6)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.token_ids[:4] == [3, 40000, 49151, 0]
