@@ -31,11 +31,13 @@ lint: install
 
 # One torch thread per process: the suite runs several model servers at once on a small machine.
 # The `ci` hypothesis profile (tests/conftest.py) makes property tests derandomized: the same examples every run.
+# LLM_CPU_COMPILE=0: the LLM servers the suite starts skip the start-up compile (5-20 s each; the suite's time
+# budget); tests/unit/llm/kernels/test_cpu_compiled.py builds and checks the compiled kernels.
 test: install k8s-tools lint
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci
+	LLM_CPU_COMPILE=0 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci
 
 test-fast: install k8s-tools
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci -m "not slow"
+	LLM_CPU_COMPILE=0 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci -m "not slow"
 
 # The four services as background processes on loopback (logs and PIDs under run/).
 up: install

@@ -25,9 +25,13 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
+from services.llm.kernels import cpu_compiled
+from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 from services.llm.layers.lora import add_lora_layers
+from services.llm.layers.norm import RMSNorm
+from services.llm.layers.rotary import RotaryEmbedding
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from services.llm.lora_adapters import LoRAAdapter, LoRAAdapters, read_peft_adapter
 from services.llm.speculative import SpeculativeConfig, build_proposer
@@ -61,6 +65,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype) or fp8 (e4m3)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1/Q4_K projections: native (blocks), dequantize, or auto
+    cpu_compile: bool = True  # CPU bf16: RMSNorm and rotary of prefill-sized steps compiled (kernels/cpu_compiled)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -100,6 +105,9 @@ class LLMEngine:
         if config.max_loras:
             lora_batch, lora_layers = add_lora_layers(loaded.model, config.max_loras, config.max_lora_rank)
             self.loras = LoRAAdapters(lora_layers, config.max_loras)
+        if config.cpu_compile and self.device.type == "cpu" and self.dtype == torch.bfloat16 \
+                and not use_triton_on(self.device):
+            self._compile_cpu_kernels(loaded)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -396,6 +404,21 @@ class LLMEngine:
         return RequestOutput(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                              outputs=completions, finished=request.is_finished,
                              num_cached_tokens=request.num_cached_tokens, timings=request.timings)
+
+    def _compile_cpu_kernels(self, loaded: LoadedModel) -> None:
+        """Prefill-sized steps get the compiled RMSNorm and rotary, compiled now so no request waits for it."""
+        modules = [m for m in loaded.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding)]
+        table = next(m.cos_sin_cache for m in modules if isinstance(m, RotaryEmbedding))
+        config = loaded.config
+        try:
+            seconds = cpu_compiled.warm_up(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                                           config.rms_norm_eps, table, self.dtype)
+        except Exception as exc:  # inductor cannot build here (e.g. no C++ compiler): the eager references serve
+            log.warning("CPU kernels not compiled, prefill stays eager: %s: %s", type(exc).__name__, exc)
+            return
+        for module in modules:
+            module.compiled_cpu = True
+        log.info("RMSNorm and rotary compiled for prefill-sized CPU steps (%.1fs)", seconds)
 
     def _max_model_len(self, loaded: LoadedModel) -> int:
         limit = loaded.config.max_position_embeddings

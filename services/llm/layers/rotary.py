@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.llm.kernels import rotary
+from services.llm.kernels import cpu_compiled, rotary
 
 
 class RotaryEmbedding(nn.Module):
@@ -18,7 +18,11 @@ class RotaryEmbedding(nn.Module):
         cache = rotary.build_cos_sin_cache(head_dim, max_position, base, scaling, dtype=torch.float32,
                                            device=torch.get_default_device())
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.compiled_cpu = False  # prefill-sized CPU steps take `cpu_compiled` (set by the engine)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """Rotates q `[T, Hq, D]` and k `[T, Hkv, D]` in place."""
-        rotary.apply_rotary(q, k, positions, self.cos_sin_cache)
+        if self.compiled_cpu and cpu_compiled.applies(q):
+            cpu_compiled.apply_rotary(q, k, positions, self.cos_sin_cache)
+        else:
+            rotary.apply_rotary(q, k, positions, self.cos_sin_cache)
