@@ -9,7 +9,8 @@
 #   3. tests/gpu: compiled Triton kernels against the references, CUDA-graph replay, the engine's greedy
 #      tokens through Triton against the torch references on every schedule shape  -> OUTDIR/tests-gpu.{txt,xml}
 #   4. bench/kernels.py: kernel times and bandwidth against the peers               -> OUTDIR/kernels-*.json
-#   5. bench/gpu_smoke.py: engine and server on a random-weight Llama-3-8B-shaped model -> OUTDIR/smoke.json
+#   5. bench/gpu_smoke.py: engine (bf16; fp8 weights + KV on sm_89+) and server on a random-weight Llama-3-8B-shaped
+#      model -> OUTDIR/smoke.json
 #
 # Every step has its own time limit; OUTDIR/summary.txt says PASS, FAIL or SKIP for each, and the script exits 1
 # when any step failed. Without a CUDA GPU it is a dry run: steps 3-5 are skipped (and say so), the tests under

@@ -12,7 +12,10 @@ covers that shape's kernels.) Then:
    engine with graphs off generates the same prompts and the share of equal tokens is reported (random
    weights give near-tied logits, so bf16 rounding differences between graph and eager split counts may flip
    some: this is reported, the exact comparison is tests/gpu's, in fp32);
-2. server: `python -m services.llm` over the same directory, ready probe, a chat completion, a streamed
+2. fp8: an engine with fp8 weights and an fp8 KV cache (`LLM_QUANTIZATION=fp8`, `LLM_KV_CACHE_DTYPE=fp8`) on
+   the same prompts: start-up, output tokens per second, the KV pool's capacity and gain over bf16, and the
+   share of its first tokens equal to the bf16 engine's (skipped, and said so, below compute capability 8.9);
+3. server: `python -m services.llm` over the same directory, ready probe, a chat completion, a streamed
    completion and `/v1/models`, then SIGTERM.
 
 Writes OUT/smoke.json and OUT/server.log; exits 1 when a step fails. `--tiny` runs the same steps on the CPU
@@ -78,11 +81,19 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(4, vocab, (count, length), generator=gen).tolist()
 
 
+FIRST_TOKENS = 8  # of each of the first 8 completions, kept in the report to compare the fp8 engine's with
+
+
+def workload(device: str) -> tuple[int, int, int]:
+    """(prompts, prompt tokens, output tokens) of the engine steps."""
+    return (64, 128, 128) if device == "cuda" else (4, 16, 8)
+
+
 def engine_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str, Any]:
     from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
 
     result: dict[str, Any] = {}
-    batch, length, new = (64, 128, 128) if device == "cuda" else (4, 16, 8)
+    batch, length, new = workload(device)
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     started = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=str(model_dir), device=device))
@@ -100,6 +111,7 @@ def engine_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
     outputs = engine.generate(work, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     graph_tokens = [o.outputs[0].token_ids for o in outputs[:8]]
+    result["first_tokens"] = [tokens[:FIRST_TOKENS] for tokens in graph_tokens]
     assert all(len(o.outputs[0].token_ids) == new for o in outputs), "a completion came back short"
     result["generate"] = {"prompts": batch, "prompt_tokens": length, "output_tokens": new,
                           "seconds": round(seconds, 2), "output_tokens_per_s": round(batch * new / seconds, 1)}
@@ -111,6 +123,36 @@ def engine_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
         same = sum(a == b for x, y in zip(graph_tokens, eager_tokens, strict=True) for a, b in zip(x, y, strict=True))
         result["graphs_vs_eager_equal_tokens"] = f"{same}/{8 * new}"
         del eager
+        torch.cuda.empty_cache()
+    return result
+
+
+def fp8_step(model_dir: Path, device: str, shape: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The engine step's workload with fp8 weights and KV cache; `baseline`: the engine step's result."""
+    from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
+
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return {"skipped": f"fp8 needs compute capability 8.9+, this GPU is {torch.cuda.get_device_capability()}"}
+    batch, length, new = workload(device)
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    work = prompts(batch, length, shape["vocab_size"])
+    started = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, quantization="fp8", kv_cache_dtype="fp8"))
+    result: dict[str, Any] = {"start_s": round(time.perf_counter() - started, 1),
+                              "kv_cache": engine.kv_cache_capacity()}
+    engine.generate(work[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = engine.generate(work, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    assert all(len(o.outputs[0].token_ids) == new for o in outputs), "a completion came back short"
+    result["output_tokens_per_s"] = round(batch * new / seconds, 1)
+    if "first_tokens" in baseline:
+        # Random weights leave near-tied logits, so fp8's rounding flips some tokens: reported, not judged.
+        ours = [o.outputs[0].token_ids[:FIRST_TOKENS] for o in outputs[:len(baseline["first_tokens"])]]
+        same = sum(a == b for a, b in zip(ours, baseline["first_tokens"], strict=True))
+        result["prompts_with_the_model_dtype_first_tokens"] = f"{same}/{len(ours)} (first {FIRST_TOKENS} tokens)"
+    del engine, outputs
+    if device == "cuda":
         torch.cuda.empty_cache()
     return result
 
@@ -196,6 +238,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-", dir=scratch) as tmp:
         steps = [("model", lambda: {"dir": str(save_random_model(Path(tmp) / "model", shape, args.layers, device))}),
                  ("engine", lambda: engine_step(Path(tmp) / "model", device, shape)),
+                 ("fp8", lambda: fp8_step(Path(tmp) / "model", device, shape, report["steps"].get("engine", {}))),
                  ("server", lambda: server_step(Path(tmp) / "model", device, args.out, args.ready_timeout))]
         for name, step in steps:
             started = time.perf_counter()
