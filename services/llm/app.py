@@ -119,6 +119,7 @@ class LLMService:
         self.metrics = metrics
         self.serving: ServingLoop | None = None
         self.parameters = 0  # the model's parameter count once loaded: clients size their prompts by it
+        self.gguf_blocks: dict[str, int] = {}  # projections kept in GGUF block formats, per format
         self.tool_family: ToolCallFamily | None = None
 
     async def load(self) -> None:
@@ -130,9 +131,11 @@ class LLMService:
             log.exception("model failed to load")
             self.readiness.set_not_ready(f"model failed to load: {type(exc).__name__}: {exc}")
             return
+        from services.llm.layers.gguf_linear import block_format_counts
         from services.llm.loader import parameter_count
 
         self.parameters = parameter_count(engine.runner.model)  # the base model's, not LoRA slots
+        self.gguf_blocks = block_format_counts(engine.runner.model)
         self.serving = ServingLoop(engine, max_num_seqs=self.settings.max_num_seqs,
                                    max_waiting=self.settings.max_waiting,
                                    request_timeout=self.settings.request_timeout, metrics=self.metrics,
@@ -167,6 +170,7 @@ class LLMService:
                 else {"method": "off"}
             metadata["max_loras"] = engine.config.max_loras
             metadata["quantization"] = engine.config.quantization
+            metadata["gguf_blocks"] = self.gguf_blocks
             metadata["kv_cache_dtype"] = engine.config.kv_cache_dtype
             metadata["kv_cache"] = engine.kv_cache_capacity()
             metadata["capabilities"] = self.capabilities()

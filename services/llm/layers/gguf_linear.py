@@ -34,3 +34,12 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def block_format_counts(model: nn.Module) -> dict[str, int]:
+    """How many of the model's layers run on GGUF blocks, per format (empty: none)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, GGUFLinear):
+            counts[module.fmt] = counts.get(module.fmt, 0) + 1
+    return counts

@@ -23,6 +23,7 @@ def test_models_card_names_the_model_and_context(llm_server: ServiceProcess, cli
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     assert models[0].model_extra["max_model_len"] == 1024
     assert 130e6 < models[0].model_extra["parameters"] < 140e6  # SmolLM2-135M: the retriever sizes prompts by it
+    assert models[0].model_extra["gguf_blocks"] == {}  # CPU: the Q4_1 GGUF is dequantized at load (auto)
     hardware = models[0].model_extra["hardware"]
     assert hardware["profile"] == "cpu-fp32-torch"
     assert hardware["kv_block_size"] == 16 and hardware["cuda_graphs"] is False

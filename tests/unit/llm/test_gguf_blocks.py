@@ -11,7 +11,7 @@ from torch import nn
 
 from services.llm.kernels import launches
 from services.llm.kernels.dispatch import triton_everywhere
-from services.llm.layers.gguf_linear import GGUFLinear
+from services.llm.layers.gguf_linear import GGUFLinear, block_format_counts
 from services.llm.loader import load_model, parameter_count
 from services.llm.perplexity import prompt_logits
 from tests.unit.llm.kernels.triton_mode import requires_interpreter
@@ -60,6 +60,7 @@ def test_native_blocks_give_the_dequantized_logits(ggufs: dict[str, Path], fmt: 
     torch.testing.assert_close(prompt_logits(native, PROMPT, CPU, torch.float32),
                                prompt_logits(dequantized, PROMPT, CPU, torch.float32), rtol=1e-6, atol=1e-6)
     assert parameter_count(native.model) == parameter_count(dequantized.model)
+    assert block_format_counts(native.model) == {fmt: 4 * LAYERS} and block_format_counts(dequantized.model) == {}
 
 
 def test_mixed_formats_keep_what_they_can(ggufs: dict[str, Path]) -> None:
