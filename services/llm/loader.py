@@ -1,10 +1,10 @@
 """Loads a model and its tokenizer from a local Hugging Face directory, a `.gguf` file, or a hub id.
 
-GGUF weights are dequantized at load by transformers' reader, which also undoes llama.cpp's Q/K row
-permutation; the tokenizer and chat template come from the file's metadata. Decoder projections in Q8_0,
-Q4_0, Q4_1 or Q4_K are then swapped for layers over the file's own blocks where a kernel reads them on the
-device (`gguf_weights`, see `gguf_blocks.py`). Hub ids go through the standard `huggingface_hub` download
-(offline under HF_HUB_OFFLINE=1, which the tests set).
+GGUF tensors are dequantized one at a time as transformers' reader does it, which also undoes llama.cpp's Q/K
+row permutation (`gguf_file.py`); the tokenizer and chat template come from the file's metadata. Decoder
+projections in Q8_0, Q4_0, Q4_1 or Q4_K are kept in the file's own blocks instead where a kernel reads them on
+the device (`gguf_weights`, see `gguf_blocks.py`), and those are never dequantized. Hub ids go through the
+standard `huggingface_hub` download (offline under HF_HUB_OFFLINE=1, which the tests set).
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        hf_config, weights, tokenizer = _read_gguf(path)
+        from services.llm import gguf_file
+
+        hf_config, tokenizer = gguf_file.read_metadata(path)
     else:
         if not path.is_dir():
             path = _download(model)
@@ -90,13 +92,15 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     log.info("building %s (%d layers, %d/%d heads) on %s in %s", config.model_type, config.num_layers,
              config.num_heads, config.num_kv_heads, device, dtype)
     net = build_on_device(config, device, dtype)
+    if path.suffix == ".gguf":
+        kept: set[str] = set()
+        if quantization == "none" and (gguf_weights == "native" or (gguf_weights == "auto" and use_triton_on(device))):
+            from services.llm.gguf_blocks import keep_gguf_blocks
+
+            kept = keep_gguf_blocks(net, path, hf_config)
+        weights = gguf_file.dequantized_tensors(path, hf_config, skip=kept)
     net.load_weights(weights)
     net.eval()
-    if path.suffix == ".gguf" and quantization == "none" and (
-            gguf_weights == "native" or (gguf_weights == "auto" and use_triton_on(device))):
-        from services.llm.gguf_blocks import keep_gguf_blocks
-
-        keep_gguf_blocks(net, path, hf_config)
     if quantization == "int8":
         saved = quantize_linears_int8(net)
         log.info("int8 weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
@@ -211,22 +215,6 @@ def _safetensors_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]
         with safe_open(str(file), framework="pt") as shard:
             for name in shard.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 yield name, shard.get_tensor(name)
-
-
-def _read_gguf(path: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    hf_config = dict(load_gguf_checkpoint(str(path))["config"])
-    # The reader maps GGUF tensor names through a model skeleton; a meta-device one costs no memory.
-    skeleton_config = AutoConfig.for_model(**hf_config)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(skeleton_config)
-    log.info("dequantizing %s", path.name)
-    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf_config.setdefault("tie_word_embeddings", "lm_head.weight" not in parsed["tensors"])
-    return hf_config, iter(parsed["tensors"].items()), tokenizer
 
 
 def _eos_token_ids(hf_config: dict, tokenizer: Any, path: Path) -> set[int]:

@@ -17,6 +17,8 @@ from services.llm.layers.attention import AttentionMetadata, PagedAttention
 from services.llm.layers.norm import RMSNorm
 from services.llm.layers.rotary import RotaryEmbedding
 
+# Parameters of projections kept in a GGUF block format: the loader fills them before `load_weights`.
+BLOCK_FORMAT_PARAMETERS = ("qweight", "block_scale", "block_min")
 # Hugging Face projection name → (fused module, which part of it).
 FUSED_PROJECTIONS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -184,7 +186,9 @@ class LlamaForCausalLM(nn.Module):
     def _expected_weights(self) -> list[str]:
         expected = []
         for name, _ in self.named_parameters():
-            module_path, _, _kind = name.rpartition(".")
+            module_path, _, kind = name.rpartition(".")
+            if kind in BLOCK_FORMAT_PARAMETERS:
+                continue
             fused = module_path.rpartition(".")[2]
             if fused == "qkv_proj":
                 expected += [f"{name}#{i}" for i in range(3)]

@@ -40,8 +40,8 @@ def random_q4_k_rows(rows: int, cols: int, rng: np.random.Generator) -> np.ndarr
     """Q4_K rows `[rows, cols / 256 * 144]` of random blocks (the `gguf` package cannot quantize to Q4_K): small
     positive fp16 `d` and `dmin`, random 6-bit scales and mins, random nibbles."""
     blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
-    blocks[:, 0:2] = (rng.random((len(blocks), 1)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8)
-    blocks[:, 2:4] = (rng.random((len(blocks), 1)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8)
+    blocks[:, 0:2] = (rng.random((len(blocks), 1)) * 4e-4 + 5e-5).astype(np.float16).view(np.uint8)
+    blocks[:, 2:4] = (rng.random((len(blocks), 1)) * 4e-4 + 5e-5).astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 

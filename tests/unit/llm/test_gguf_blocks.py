@@ -116,3 +116,21 @@ def test_parameter_count_counts_weights_once(ggufs: dict[str, Path], tiny_models
         # bf16 on a CPU with native bf16: oneDNN-packed weights, the tied LM head packed as a copy of its own
         packed = load_model(str(model), CPU, torch.bfloat16)
         assert parameter_count(packed.model) == parameter_count(loaded.model)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "mixed"])
+def test_tensors_read_one_at_a_time_equal_transformers_reader(ggufs: dict[str, Path], name: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from services.llm import gguf_file
+
+    hf_config, _ = gguf_file.read_metadata(ggufs[name])
+    ours = dict(gguf_file.dequantized_tensors(ggufs[name], hf_config))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    theirs = load_gguf_checkpoint(str(ggufs[name]), return_tensors=True, model_to_load=skeleton)["tensors"]
+    assert ours.keys() == theirs.keys() and len(ours) == 2 + 9 * LAYERS  # embeddings, norm; 7 projections, 2 norms
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    skipped = dict(gguf_file.dequantized_tensors(ggufs[name], hf_config, skip={"blk.0.attn_q.weight"}))
+    assert set(ours) - set(skipped) == {"model.layers.0.self_attn.q_proj.weight"}
