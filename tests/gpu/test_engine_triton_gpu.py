@@ -88,3 +88,26 @@ def test_kv_pool_sized_from_the_memory_share(models: Path) -> None:
     sized = _python(SIZE_POOL, str(models / "llama"))
     assert sized["blocks"] > 1000
     assert sized["allocated"] <= 0.5 * sized["total"]  # weights + pool + graphs stay within the share
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_blocks_on_gpu_give_the_dequantized_tokens(tmp_path: Path, fmt: str) -> None:
+    """`LLM_GGUF_WEIGHTS=auto` keeps a GGUF's projections in their blocks on CUDA; fp32 greedy tokens equal the
+    dequantize-at-load engine's."""
+    import torch
+
+    from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
+    from services.llm.layers.gguf_linear import block_format_counts
+    from tests.unit.llm.gguf_files import write_tiny_gguf
+
+    size = {"hidden": 256, "intermediate": 256} if fmt == "Q4_K" else {}
+    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, **size)
+    prompts = [torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
+    params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0.0)
+    tokens = {}
+    for weights in ("auto", "dequantize"):
+        engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float32", gguf_weights=weights))
+        counts = block_format_counts(engine.runner.model)
+        assert counts == ({fmt: 8} if weights == "auto" else {})
+        tokens[weights] = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert tokens["auto"] == tokens["dequantize"]
