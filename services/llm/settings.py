@@ -62,10 +62,10 @@ class LLMSettings(ServiceSettings):
                               "(widened to the dtype at load), or auto (native on CUDA, where the Triton kernel "
                               "reads them; dequantize on CPU, where widening per matmul is slower than the dtype's "
                               "GEMM)")
-    cpu_compile: bool = Field(True, description="on CPU in bf16, RMSNorm and rotary of prefill-sized steps (128 "
-                              "tokens and more) are compiled by torch.compile (inductor) at start-up: about a fifth "
-                              "less CPU per prefill; needs a C++ compiler (without one they stay eager, with a "
-                              "warning)")
+    cpu_compile: bool = Field(True, description="on CPU in bf16, RMSNorm, rotary and SiLU-and-mul of prefill-sized "
+                              "steps (128 tokens and more) are compiled by torch.compile (inductor) at start-up: "
+                              "about a fifth less CPU per prefill; needs a C++ compiler (without one they stay "
+                              "eager, with a warning)")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

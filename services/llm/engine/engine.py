@@ -29,6 +29,7 @@ from services.llm.kernels import cpu_compiled
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
+from services.llm.layers.activation import SiluAndMul
 from services.llm.layers.lora import add_lora_layers
 from services.llm.layers.norm import RMSNorm
 from services.llm.layers.rotary import RotaryEmbedding
@@ -65,7 +66,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype) or fp8 (e4m3)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1/Q4_K projections: native (blocks), dequantize, or auto
-    cpu_compile: bool = True  # CPU bf16: RMSNorm and rotary of prefill-sized steps compiled (kernels/cpu_compiled)
+    cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -406,19 +407,20 @@ class LLMEngine:
                              num_cached_tokens=request.num_cached_tokens, timings=request.timings)
 
     def _compile_cpu_kernels(self, loaded: LoadedModel) -> None:
-        """Prefill-sized steps get the compiled RMSNorm and rotary, compiled now so no request waits for it."""
-        modules = [m for m in loaded.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding)]
+        """Prefill-sized steps get the compiled elementwise kernels, compiled now so no request waits for them."""
+        modules = [m for m in loaded.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding | SiluAndMul)]
         table = next(m.cos_sin_cache for m in modules if isinstance(m, RotaryEmbedding))
         config = loaded.config
         try:
-            seconds = cpu_compiled.warm_up(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                                           config.rms_norm_eps, table, self.dtype)
+            seconds = cpu_compiled.warm_up(config.hidden_size, config.intermediate_size, config.num_heads,
+                                           config.num_kv_heads, config.head_dim, config.rms_norm_eps, table,
+                                           self.dtype)
         except Exception as exc:  # inductor cannot build here (e.g. no C++ compiler): the eager references serve
             log.warning("CPU kernels not compiled, prefill stays eager: %s: %s", type(exc).__name__, exc)
             return
         for module in modules:
             module.compiled_cpu = True
-        log.info("RMSNorm and rotary compiled for prefill-sized CPU steps (%.1fs)", seconds)
+        log.info("RMSNorm, rotary and SiLU-and-mul compiled for prefill-sized CPU steps (%.1fs)", seconds)
 
     def _max_model_len(self, loaded: LoadedModel) -> int:
         limit = loaded.config.max_position_embeddings

@@ -1,4 +1,4 @@
-"""The compiled CPU RMSNorm and rotary equal their eager references, and the engine uses them for prefills.
+"""The compiled CPU RMSNorm, rotary and SiLU-and-mul equal their eager references; the engine uses them for prefills.
 
 Compiling takes seconds (about 5 with inductor's on-disk cache warm, 20 cold on a busy 2-core machine), so the
 kernels compile once per session and the engine test reuses them.
@@ -13,12 +13,14 @@ import torch
 
 from services.llm.engine import SamplingParams
 from services.llm.engine.runner import pack_step
-from services.llm.kernels import cpu_compiled, norm, rotary
+from services.llm.kernels import activation, cpu_compiled, norm, rotary
+from services.llm.layers.activation import SiluAndMul
 from services.llm.layers.norm import RMSNorm
 from services.llm.layers.rotary import RotaryEmbedding
 
-HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 4, 2, 16, 64, 128
 EPS = 1e-6
+COMPILED = RMSNorm | RotaryEmbedding | SiluAndMul  # the layers that take the compiled kernels
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def cos_sin_cache() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def compiled(cos_sin_cache: torch.Tensor) -> float:
-    return cpu_compiled.warm_up(HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EPS, cos_sin_cache, torch.bfloat16)
+    return cpu_compiled.warm_up(HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, EPS, cos_sin_cache, torch.bfloat16)
 
 
 @pytest.mark.parametrize("tokens", [cpu_compiled.MIN_ROWS, 300])
@@ -47,6 +49,8 @@ def test_compiled_kernels_equal_the_references(compiled: float, cos_sin_cache: t
             assert torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=0)
             assert (a != b).float().mean() < 0.01
         assert torch.equal(got_sum, want_sum)
+        gate_up = torch.randn(tokens, 2 * INTERMEDIATE, dtype=torch.bfloat16) * 3
+        assert torch.equal(cpu_compiled.silu_and_mul(gate_up), activation.silu_and_mul_reference(gate_up))
 
         qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=torch.bfloat16)
         expected = qkv.clone()
@@ -58,16 +62,16 @@ def test_compiled_kernels_equal_the_references(compiled: float, cos_sin_cache: t
         assert torch.equal(qkv, expected)  # rotary bit for bit; the values (last columns) untouched
 
 
-def test_bf16_cpu_engine_compiles_its_norms_and_rotary_for_prefills(compiled: float, tiny_models: dict[str, Path],
+def test_bf16_cpu_engine_compiles_its_elementwise_kernels_for_prefills(compiled: float, tiny_models: dict[str, Path],
                                                                    make_engine) -> None:
     engine = make_engine(tiny_models["llama"], dtype="bfloat16")
-    modules = [m for m in engine.runner.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding)]
-    assert len(modules) == 2 * 2 + 1 + 1  # two per layer, the final norm, the shared rotary table
+    modules = [m for m in engine.runner.model.modules() if isinstance(m, COMPILED)]
+    assert len(modules) == 2 * 3 + 1 + 1  # two norms and the MLP's activation per layer, the final norm, rotary
     assert all(m.compiled_cpu for m in modules)
     assert not any(m.compiled_cpu for m in make_engine(tiny_models["llama"], dtype="bfloat16", cpu_compile=False)
-                   .runner.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding))
+                   .runner.model.modules() if isinstance(m, COMPILED))
     assert not any(m.compiled_cpu for m in make_engine(tiny_models["llama"]).runner.model.modules()
-                   if isinstance(m, RMSNorm | RotaryEmbedding))  # fp32 stays eager, exact against transformers
+                   if isinstance(m, COMPILED))  # fp32 stays eager, exact against transformers
 
     # A prefill past MIN_ROWS through the compiled kernels gives the eager model's logits, near enough.
     prompt = torch.randint(4, 384, (200,)).tolist()
@@ -94,7 +98,7 @@ def test_engine_serves_eagerly_where_compiling_fails(tiny_models: dict[str, Path
 
     monkeypatch.setattr(cpu_compiled, "warm_up", no_compiler)
     engine = make_engine(tiny_models["llama"], dtype="bfloat16")
-    assert not any(m.compiled_cpu for m in engine.runner.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding))
+    assert not any(m.compiled_cpu for m in engine.runner.model.modules() if isinstance(m, COMPILED))
     output = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)[0]
     assert len(output.outputs[0].token_ids) == 3
 
