@@ -14,7 +14,7 @@ warps, stages and fp contraction) and deduplicated. Sources of launches:
   (block tables as wide as `max_model_len`), eager decode of short and long contexts, a full prefill chunk,
   prefix-cache extensions of a few tokens and mixed prefill + decode steps. Each model is recorded once per
   weight format of the decoder projections: bf16, weight-only int8 (`LLM_QUANTIZATION=int8`), the GGUF
-  block formats Q8_0, Q4_0, Q4_1 and Q4_K (`LLM_GGUF_WEIGHTS=native`), and fp8 (`LLM_QUANTIZATION=fp8` with
+  block formats Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (`LLM_GGUF_WEIGHTS=native`), and fp8 (`LLM_QUANTIZATION=fp8` with
   `LLM_KV_CACHE_DTYPE=fp8`: the fp8 GEMM, and the cache kernels on an e4m3 pool), so the quantized GEMMs are
   compiled for every step shape the engine runs them at.
 - `--launches FILE`: launches recorded elsewhere (the tests record the whole engine run through the kernels
@@ -96,7 +96,8 @@ PRODUCTION_MODELS: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False},
 }
 PRODUCTION_DTYPE = torch.bfloat16
-PRODUCTION_WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "fp8")  # the decoder projections' weight formats
+# the decoder projections' weight formats
+PRODUCTION_WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "fp8")
 FP8_MIN_CAPABILITY = 89  # fp8 (e4m3) tensors: Ada and Hopper
 PRODUCTION_BLOCK_SIZES = (16,)  # what `hardware.detect_hardware` chooses on every GPU
 MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS = 256, 2048  # the engine's defaults
@@ -123,10 +124,11 @@ def _quantize_on_meta(model: torch.nn.Module, weights: str) -> None:
             for name, dense in list(owner.named_children()):
                 if isinstance(dense, nn.Linear):
                     rows, cols = dense.out_features, dense.in_features
-                    q = torch.empty(rows, cols if weights == "Q8_0" else cols // 2, device="meta",
-                                    dtype=torch.int8 if weights == "Q8_0" else torch.uint8)
-                    scale = torch.empty(rows, cols // 32, device="meta",
-                                        dtype=torch.float32 if weights == "Q4_K" else torch.float16)
+                    bytes_per_weight = 1 if weights in ("Q8_0", "Q6_K") else 0.5
+                    q = torch.empty(rows, int(cols * bytes_per_weight), device="meta",
+                                    dtype=torch.int8 if bytes_per_weight == 1 else torch.uint8)
+                    scale = torch.empty(rows, cols // (16 if weights == "Q6_K" else 32), device="meta",
+                                        dtype=torch.float32 if weights.endswith("_K") else torch.float16)
                     minimum = torch.empty_like(scale) if weights in ("Q4_1", "Q4_K") else None
                     bias = None if dense.bias is None else dense.bias.data
                     setattr(owner, name, GGUFLinear(weights, q, scale, minimum, bias, PRODUCTION_DTYPE))

@@ -1,10 +1,10 @@
 """Keeps a GGUF file's quantized decoder projections in their block format (the loader's native GGUF path).
 
-Before the weights are loaded, each decoder projection whose GGUF tensors are Q8_0, Q4_0, Q4_1 or Q4_K is
+Before the weights are loaded, each decoder projection whose GGUF tensors are Q8_0, Q4_0, Q4_1, Q4_K or Q6_K is
 swapped for a `GGUFLinear` over the file's own blocks, read with the `gguf` package; the loader then dequantizes
 only the other tensors. Fused projections (q/k/v, gate/up) take their parts' rows one after the other, so all
 parts must share a format; otherwise the projection is loaded dequantized, as are the embeddings, the LM head
-and every other format (Q5_*, Q6_K, ...). Rows move whole, so llama.cpp's Q/K row permutation is undone on the
+and every other format (Q5_*, Q2_K, Q3_K, ...). Rows move whole, so llama.cpp's Q/K row permutation is undone on the
 blocks by the reader's own permutation applied to row indices. The first layer's swapped projections are
 checked against what the reader would have loaded in their place: equal, bit for bit, in the model's dtype.
 """

@@ -2,7 +2,7 @@
 
 GGUF tensors are dequantized one at a time as transformers' reader does it, which also undoes llama.cpp's Q/K
 row permutation (`gguf_file.py`); the tokenizer and chat template come from the file's metadata. Decoder
-projections in Q8_0, Q4_0, Q4_1 or Q4_K are kept in the file's own blocks instead where a kernel reads them on
+projections in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K are kept in the file's own blocks instead where a kernel reads them on
 the device (`gguf_weights`, see `gguf_blocks.py`), and those are never dequantized. Hub ids go through the
 standard `huggingface_hub` download (offline under HF_HUB_OFFLINE=1, which the tests set).
 """
@@ -67,7 +67,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     `fp8` (e4m3) (weight-only, per output channel, quantized here from the checkpoint's weights).
     `pack_cpu_weights`: on a CPU with native bf16, the remaining bf16 linear layers get oneDNN's packed layout
     (`packed_linear`).
-    `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1/Q4_K projections in their blocks, `dequantize`
+    `gguf_weights`: for a `.gguf`, `native` keeps Q8_0/Q4_0/Q4_1/Q4_K/Q6_K projections in their blocks, `dequantize`
     widens every tensor to `dtype`, `auto` is `native` where a kernel reads the blocks (Triton on CUDA) and
     `dequantize` elsewhere."""
     if quantization not in QUANTIZATIONS:

@@ -57,8 +57,8 @@ class LLMSettings(ServiceSettings):
     cpu_weight_packing: bool = Field(True, description="on a CPU with native bf16 (AMX, AVX512-BF16), bf16 linear "
                                      "weights are reordered once at load into oneDNN's packed layout: the same "
                                      "outputs, faster steps (the LM head of a tied model gets its own copy)")
-    gguf_weights: str = Field("auto", description="a .gguf model's Q8_0/Q4_0/Q4_1/Q4_K decoder projections: native "
-                              "(kept in their blocks, dequantized tile by tile inside the matmul), dequantize "
+    gguf_weights: str = Field("auto", description="a .gguf model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K decoder projections: "
+                              "native (kept in their blocks, dequantized tile by tile inside the matmul), dequantize "
                               "(widened to the dtype at load), or auto (native on CUDA, where the Triton kernel "
                               "reads them; dequantize on CPU, where widening per matmul is slower than the dtype's "
                               "GEMM)")

@@ -90,7 +90,7 @@ def test_kv_pool_sized_from_the_memory_share(models: Path) -> None:
     assert sized["allocated"] <= 0.5 * sized["total"]  # weights + pool + graphs stay within the share
 
 
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_gguf_blocks_on_gpu_give_the_dequantized_tokens(tmp_path: Path, fmt: str) -> None:
     """`LLM_GGUF_WEIGHTS=auto` keeps a GGUF's projections in their blocks on CUDA; fp32 greedy tokens equal the
     dequantize-at-load engine's."""
@@ -100,7 +100,7 @@ def test_gguf_blocks_on_gpu_give_the_dequantized_tokens(tmp_path: Path, fmt: str
     from services.llm.layers.gguf_linear import block_format_counts
     from tests.unit.llm.gguf_files import write_tiny_gguf
 
-    size = {"hidden": 256, "intermediate": 256} if fmt == "Q4_K" else {}
+    size = {"hidden": 256, "intermediate": 256} if fmt.endswith("_K") else {}
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, **size)
     prompts = [torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 40)]
     params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0.0)

@@ -131,7 +131,7 @@ def test_silu_and_mul_bf16() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-@pytest.mark.parametrize("fmt", ["int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("fmt", ["int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_weight_only_gemms_bf16(fmt: str, rows: int) -> None:
     """Llama-3-8B's down projection (14336 -> 4096): the Triton kernel against the same weights widened to fp32."""
     import gguf
@@ -139,7 +139,7 @@ def test_weight_only_gemms_bf16(fmt: str, rows: int) -> None:
 
     from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul, unpack_rows
     from services.llm.kernels.int8_matmul import int8_matmul, quantize_int8_per_channel
-    from tests.unit.llm.gguf_files import random_q4_k_rows
+    from tests.unit.llm.gguf_files import random_k_quant_rows
 
     out_features, in_features = 4096, 14336
     weights = torch.randn(out_features, in_features) * 0.02
@@ -149,7 +149,7 @@ def test_weight_only_gemms_bf16(fmt: str, rows: int) -> None:
         got = int8_matmul(x, q.cuda(), scale.bfloat16().cuda())
         widened = q.float() * scale.bfloat16().float()[:, None]
     else:
-        raw = (random_q4_k_rows(out_features, in_features, np.random.default_rng(rows)) if fmt == "Q4_K"
+        raw = (random_k_quant_rows(fmt, out_features, in_features, np.random.default_rng(rows)) if fmt.endswith("_K")
                else gguf.quants.quantize(weights.numpy(), gguf.GGMLQuantizationType[fmt]))
         q, scale, minimum = unpack_rows(fmt, raw)
         got = gguf_matmul(x, FORMATS[fmt], q.cuda(), scale.cuda(), None if minimum is None else minimum.cuda())

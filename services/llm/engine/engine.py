@@ -65,7 +65,7 @@ class EngineConfig:
     quantization: str = "none"  # weight format of the decoder projections: none, int8 or fp8 (weight-only)
     kv_cache_dtype: str = "auto"  # the KV pool's element type: auto (the model's dtype) or fp8 (e4m3)
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
-    gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_0/Q4_1/Q4_K projections: native (blocks), dequantize, or auto
+    gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_*/Q6_K projections: native (blocks), dequantize, or auto
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
 
     def __post_init__(self) -> None:

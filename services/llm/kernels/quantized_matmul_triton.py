@@ -4,13 +4,14 @@ Two kernels, one tiling: `[rows, in]` activations (fp16/bf16/fp32) times `[out, 
 - `_int8_matmul_kernel`: per-output-channel int8 (`int8_matmul.py`); int8 values are exact in the activations'
   dtype, so the dot takes them widened as they are and the channel scale is applied once, in the epilogue.
 - `_gguf_matmul_kernel`: llama.cpp blocks of 32 weights along `in` with an fp16 scale each (`gguf_matmul.py`):
-  Q8_0 (int8, `w = d*q`), Q4_0 (4-bit, `w = d*(q-8)`), Q4_1 (4-bit, `w = d*q + m`). A tile's weights are
-  dequantized in fp32, the way the GGUF reader dequantizes them at load, and rounded to the activations' dtype
-  before the dot: the same weights the dequantize-at-load path multiplies. A Q4 block stores element j and
-  element j+16 in the low and high nibble of byte j, so a tile is two dots, one over the low nibbles with the
-  activations of columns j, one over the high nibbles with the columns j+16; nothing is interleaved. The
-  kernel is compiled without fp contraction: Q4_1's `d*q + m` rounds the product and then the sum, as numpy
-  does, instead of one fused multiply-add, so the weights are those of the reader to the last bit.
+  Q8_0 (int8, `w = d*q`; Q6_K runs here too, in groups of 16 with fp32 scales), Q4_0 (4-bit, `w = d*(q-8)`),
+  Q4_1 (4-bit, `w = d*q + m`; and Q4_K, with fp32 scales). A tile's weights are dequantized in fp32, the way
+  the GGUF reader dequantizes them at load, and rounded to the activations' dtype before the dot: the same
+  weights the dequantize-at-load path multiplies. A Q4 block stores element j and element j+16 in the low and
+  high nibble of byte j, so a tile is two dots, one over the low nibbles with the activations of columns j, one
+  over the high nibbles with the columns j+16; nothing is interleaved. The kernel is compiled without fp
+  contraction: Q4_1's `d*q + m` rounds the product and then the sum, as numpy does, instead of one fused
+  multiply-add, so the weights are those of the reader to the last bit.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import triton
 import triton.language as tl
 
 from services.llm.kernels.launches import launch
-
-GGUF_BLOCK = 32  # weights per scale in Q8_0, Q4_0 and Q4_1 (formats numbered as in `gguf_matmul.FORMATS`)
 
 
 @triton.jit
@@ -52,17 +51,17 @@ def _int8_matmul_kernel(
 def _gguf_matmul_kernel(
     x_ptr, q_ptr, scale_ptr, min_ptr, out_ptr,
     rows, out_features, in_features, stride_x, stride_o,
-    FORMAT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FORMAT: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rm < rows, rn < out_features
-    blocks_per_row = in_features // 32
+    blocks_per_row = in_features // GROUP  # scales per row: a scale per GROUP weights (32; 16 for Q6_K)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
     scale_cols = scale_ptr + rn.to(tl.int64)[None, :] * blocks_per_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FORMAT == 0:  # Q8_0: one int8 per weight
+    if FORMAT == 0:  # Q8_0 (and Q6_K): one int8 per weight
         rk = tl.arange(0, BLOCK_K)
         q_cols = q_ptr + rn.to(tl.int64)[None, :] * in_features
         for k0 in range(0, in_features, BLOCK_K):
@@ -71,7 +70,7 @@ def _gguf_matmul_kernel(
             x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = k_ok[:, None] & col_ok[None, :]
             q = tl.load(q_cols + k[:, None], mask=w_mask, other=0).to(tl.float32)
-            d = tl.load(scale_cols + (k // 32)[:, None], mask=w_mask, other=0.0).to(tl.float32)
+            d = tl.load(scale_cols + (k // GROUP)[:, None], mask=w_mask, other=0.0).to(tl.float32)
             acc = tl.dot(x, (d * q).to(x.dtype), acc, input_precision=DOT_PRECISION)
     else:  # Q4_0 / Q4_1: byte j of a block holds weights j (low nibble) and j+16 (high nibble)
         rp = tl.arange(0, BLOCK_K // 2)
@@ -134,12 +133,14 @@ def int8_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
 def gguf_matmul_triton(x: torch.Tensor, fmt: int, q: torch.Tensor, scale: torch.Tensor,
                        minimum: torch.Tensor | None) -> torch.Tensor:
     x2 = _rows(x)
-    out_features, in_features = scale.shape[0], scale.shape[1] * GGUF_BLOCK
+    out_features, in_features = scale.shape[0], q.shape[1] * (1 if fmt == 0 else 2)
+    group = in_features // scale.shape[1]
+    assert fmt == 0 or group == 32, "4-bit formats come in blocks of 32"
     out = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         t = tiles(x2.shape[0], nibbles=fmt != 0)
         grid = (triton.cdiv(x2.shape[0], t["BLOCK_M"]), triton.cdiv(out_features, t["BLOCK_N"]))
         launch(_gguf_matmul_kernel, grid, x2, q, scale, scale if minimum is None else minimum, out, x2.shape[0],
-               out_features, in_features, x2.stride(0), out.stride(0), FORMAT=fmt, DOT_PRECISION=_precision(x),
-               enable_fp_fusion=False, **t)
+               out_features, in_features, x2.stride(0), out.stride(0), FORMAT=fmt, GROUP=group,
+               DOT_PRECISION=_precision(x), enable_fp_fusion=False, **t)
     return out.view(*x.shape[:-1], out_features)

@@ -1,12 +1,12 @@
-"""A linear layer whose weights stay in a GGUF block format (Q8_0, Q4_0, Q4_1, Q4_K), the loader's native GGUF
-path."""
+"""A linear layer whose weights stay in a GGUF block format (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), the loader's native
+GGUF path."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from services.llm.kernels.gguf_matmul import BLOCK, FORMATS, dequantize, gguf_matmul
+from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul, in_features
 
 
 class GGUFLinear(nn.Module):
@@ -17,7 +17,7 @@ class GGUFLinear(nn.Module):
         super().__init__()
         assert fmt in FORMATS and scale.dtype in (torch.float16, torch.float32) and q.shape[0] == scale.shape[0]
         self.fmt, self.format_id, self.dtype = fmt, FORMATS[fmt], dtype
-        self.out_features, self.in_features = scale.shape[0], scale.shape[1] * BLOCK
+        self.out_features, self.in_features = scale.shape[0], in_features(q)
         self.qweight = nn.Parameter(q, requires_grad=False)
         self.block_scale = nn.Parameter(scale, requires_grad=False)
         self.block_min = None if minimum is None else nn.Parameter(minimum, requires_grad=False)

@@ -36,20 +36,28 @@ def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
         weights.shape)
 
 
-def random_q4_k_rows(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Q4_K rows `[rows, cols / 256 * 144]` of random blocks (the `gguf` package cannot quantize to Q4_K): small
-    positive fp16 `d` and `dmin`, random 6-bit scales and mins, random nibbles."""
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
-    blocks[:, 0:2] = (rng.random((len(blocks), 1)) * 4e-4 + 5e-5).astype(np.float16).view(np.uint8)
-    blocks[:, 2:4] = (rng.random((len(blocks), 1)) * 4e-4 + 5e-5).astype(np.float16).view(np.uint8)
+def random_k_quant_rows(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Q4_K or Q6_K rows `[rows, cols / 256 * block bytes]` of random super-blocks (the `gguf` package cannot
+    quantize to them): random nibbles, bits and sub-block scales, and small positive fp16 `d` (and `dmin`) so the
+    weights stay in the range of a trained model's."""
+    size = {"Q4_K": 144, "Q6_K": 210}[fmt]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+
+    def small(scale: float) -> np.ndarray:
+        return (rng.random((len(blocks), 1)) * scale + scale / 8).astype(np.float16).view(np.uint8)
+
+    if fmt == "Q4_K":
+        blocks[:, 0:2], blocks[:, 2:4] = small(4e-4), small(4e-4)  # d, dmin
+    else:
+        blocks[:, 208:210] = small(8e-5)  # d (the int8 sub-block scales go up to 127)
     return blocks.reshape(rows, -1)
 
 
 def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, str] | None = None,
                     hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
     """A 2-layer Llama (GQA 4/2, tied embeddings) with decoder projections in `fmt` (a GGML type name; per
-    projection, e.g. `{"attn_v": "Q8_0"}`, in `overrides`) and everything else in F32. Q4_K's super-blocks
-    need `hidden` and `intermediate` to be multiples of 256; its blocks are random."""
+    projection, e.g. `{"attn_v": "Q8_0"}`, in `overrides`) and everything else in F32. Q4_K's and Q6_K's
+    super-blocks need `hidden` and `intermediate` to be multiples of 256; their blocks are random."""
     vocab = tokens()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
@@ -89,7 +97,7 @@ def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, st
                        "ffn_down": dense(hidden, intermediate)}
         for name, weights in projections.items():
             qtype = gguf.GGMLQuantizationType[(overrides or {}).get(name, fmt)]
-            data = (random_q4_k_rows(*weights.shape, rng) if qtype == gguf.GGMLQuantizationType.Q4_K
+            data = (random_k_quant_rows(qtype.name, *weights.shape, rng) if qtype.name in ("Q4_K", "Q6_K")
                     else gguf.quants.quantize(weights, qtype))
             writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=qtype)
         for name in ("attn_norm", "ffn_norm"):

@@ -19,7 +19,7 @@ from tests.unit.llm.kernels.triton_mode import requires_interpreter
 from .gguf_files import HIDDEN, INTERMEDIATE, LAYERS, tokens, write_tiny_gguf
 from .test_engine_greedy import greedy
 
-FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 CPU = torch.device("cpu")
 PROMPT = list(range(3, 60, 2))
 
@@ -33,8 +33,9 @@ def random_prompts(count: int, seed: int) -> list[list[int]]:
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-gguf")
     files = {fmt: write_tiny_gguf(root / f"tiny-{fmt}.gguf", fmt, seed=i) for i, fmt in enumerate(FORMATS[:3])}
-    # Q4_K's super-blocks are 256 weights wide
-    files["Q4_K"] = write_tiny_gguf(root / "tiny-Q4_K.gguf", "Q4_K", seed=3, hidden=256, intermediate=256)
+    # K-quant super-blocks are 256 weights wide
+    for i, fmt in enumerate(("Q4_K", "Q6_K")):
+        files[fmt] = write_tiny_gguf(root / f"tiny-{fmt}.gguf", fmt, seed=3 + i, hidden=256, intermediate=256)
     # q/k/v in different formats: the fused q/k/v projection cannot be one block matrix and stays dequantized.
     files["mixed"] = write_tiny_gguf(root / "tiny-mixed.gguf", "Q4_0", seed=5, overrides={"attn_v": "Q8_0"})
     return files
@@ -54,9 +55,9 @@ def test_native_blocks_give_the_dequantized_logits(ggufs: dict[str, Path], fmt: 
     assert len(kept) == 4 * LAYERS and all(isinstance(m, GGUFLinear) and m.fmt == fmt for m in kept.values())
     assert not any(isinstance(m, GGUFLinear) for m in projections(dequantized.model).values())
     hidden, intermediate = native.config.hidden_size, native.config.intermediate_size
-    assert (hidden, intermediate) == ((256, 256) if fmt == "Q4_K" else (HIDDEN, INTERMEDIATE))
+    assert (hidden, intermediate) == ((256, 256) if fmt.endswith("_K") else (HIDDEN, INTERMEDIATE))
     packed = kept["0.gate_up_proj"].qweight
-    assert packed.shape == (2 * intermediate, hidden if fmt == "Q8_0" else hidden // 2)
+    assert packed.shape == (2 * intermediate, hidden if fmt in ("Q8_0", "Q6_K") else hidden // 2)
     torch.testing.assert_close(prompt_logits(native, PROMPT, CPU, torch.float32),
                                prompt_logits(dequantized, PROMPT, CPU, torch.float32), rtol=1e-6, atol=1e-6)
     assert parameter_count(native.model) == parameter_count(dequantized.model)

@@ -2,7 +2,7 @@
 fp8 ones (e4m3 weights and KV cache) for sm_89 and sm_90, the architectures that have e4m3.
 
 `bench/kernels_compile.py --production` records the launches of Qwen2.5-7B-Instruct and Llama-3-8B shapes (with
-bf16, int8, GGUF Q8_0/Q4_0/Q4_1/Q4_K and fp8 projections, the last with an fp8 KV cache) on the meta device and
+bf16, int8, GGUF Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and fp8 projections, the last with an fp8 KV cache) on the meta device and
 compiles each distinct specialization with `triton.compile` for real GPU targets (PTX, then a cubin from the
 ptxas in the triton wheel). The engine's own launches, recorded under the interpreter, are compiled by
 `tests/unit/llm/test_engine_triton.py`.
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[4]
 KERNELS = {"decode_split_kernel", "decode_reduce_kernel", "prefill_kernel", "store_kv_kernel", "rms_norm_kernel",
            "rotary_kernel", "silu_and_mul_kernel", "int8_matmul_kernel", "gguf_matmul_kernel", "fp8_matmul_kernel"}
-WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "fp8")
+WEIGHTS = ("bf16", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "fp8")
 FP8_ONLY = {"fp8_matmul_kernel"}  # launched only with fp8 weights, so compiled for sm_89 and sm_90 alone
 
 

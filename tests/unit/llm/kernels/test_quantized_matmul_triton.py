@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul_reference, unpack_rows
+from services.llm.kernels.gguf_matmul import FORMATS, dequantize, gguf_matmul_reference, in_features, unpack_rows
 from services.llm.kernels.int8_matmul import int8_matmul_reference, quantize_int8_per_channel
 from services.llm.kernels.quantized_matmul_triton import gguf_matmul_triton, int8_matmul_triton, tiles
-from tests.unit.llm.gguf_files import random_q4_k_rows
+from tests.unit.llm.gguf_files import random_k_quant_rows
 from tests.unit.llm.kernels.triton_mode import requires_interpreter
 
 # The interpreter multiplies bf16 `tl.dot` operands as raw 16-bit patterns, so bf16 is left to tests/gpu.
@@ -22,15 +22,16 @@ ROWS = [1, 5, 40, 130]
 OUT_FEATURES, IN_FEATURES = 96, 160
 
 
-# Q4_K's super-blocks hold 256 weights: 768 input features are three of them.
-Q4_K_IN_FEATURES = 768
+# Q4_K's and Q6_K's super-blocks hold 256 weights: 768 input features are three of them.
+K_QUANT_IN_FEATURES = 768
 
 
 def gguf_rows(fmt: str, seed: int) -> np.ndarray:
-    """GGUF rows of `fmt`: quantized by the `gguf` package, or random blocks for Q4_K (which it cannot quantize)."""
+    """GGUF rows of `fmt`: quantized by the `gguf` package, or random blocks for the K-quants (which it cannot
+    quantize)."""
     rng = np.random.default_rng(seed)
-    if fmt == "Q4_K":
-        return random_q4_k_rows(OUT_FEATURES, Q4_K_IN_FEATURES, rng)
+    if fmt in ("Q4_K", "Q6_K"):
+        return random_k_quant_rows(fmt, OUT_FEATURES, K_QUANT_IN_FEATURES, rng)
     weights = rng.standard_normal((OUT_FEATURES, IN_FEATURES)).astype(np.float32)
     return gguf.quants.quantize(weights, gguf.GGMLQuantizationType[fmt])
 
@@ -54,8 +55,9 @@ def test_block_layout_dequantizes_as_the_gguf_package_does(fmt: str) -> None:
     q, scale, minimum = unpack_rows(fmt, raw)
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt])
     assert np.array_equal(dequantize(FORMATS[fmt], q, scale, minimum).numpy(), want)
-    assert q.dtype == (torch.int8 if fmt == "Q8_0" else torch.uint8)
-    assert scale.dtype == (torch.float32 if fmt == "Q4_K" else torch.float16)
+    assert q.dtype == (torch.int8 if fmt in ("Q8_0", "Q6_K") else torch.uint8)
+    assert scale.dtype == (torch.float32 if fmt in ("Q4_K", "Q6_K") else torch.float16)
+    assert q.shape[1] // scale.shape[1] == {"Q6_K": 16, "Q8_0": 32}.get(fmt, 16)  # bytes per scale
     assert (minimum is not None) == (fmt in ("Q4_1", "Q4_K"))
 
 
@@ -80,7 +82,7 @@ def test_int8_kernel_matches_reference(dtype: torch.dtype, rows: int) -> None:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_gguf_kernel_matches_reference(fmt: str, dtype: torch.dtype, rows: int) -> None:
     q, scale, minimum = gguf_blocks(fmt, seed=rows)
-    x = torch.randn(rows, scale.shape[1] * 32, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    x = torch.randn(rows, in_features(q), generator=torch.Generator().manual_seed(rows)).to(dtype)
     weights = dequantize(FORMATS[fmt], q, scale, minimum).to(dtype)
     expected = x.double() @ weights.double().T
     got = gguf_matmul_triton(x, FORMATS[fmt], q, scale, minimum)
