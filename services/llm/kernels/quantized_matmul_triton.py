@@ -98,15 +98,17 @@ def _gguf_matmul_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def tiles(rows: int, nibbles: bool = False) -> dict[str, int]:
+def tiles(rows: int, narrow: bool = False) -> dict[str, int]:
     """Tile sizes and launch options by the number of activation rows: decode steps read every weight once and
     are bound by memory (narrow tiles, many programs, deep pipelining); prefill chunks are bound by the dots.
-    4-bit weights take half as wide a prefill tile: two dots and their gathered scales would spill on sm_80/89."""
+    `narrow` (4-bit weights, or the K-quants' fp32 scales) halves the prefill tile's width: two dots and their
+    gathered scales spilled on sm_80/89 at 128x128, and Q6_K's fp32 scale tiles took 112 KiB of shared memory,
+    above sm_89's 99."""
     if rows <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     if rows <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64 if nibbles else 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64 if narrow else 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ def gguf_matmul_triton(x: torch.Tensor, fmt: int, q: torch.Tensor, scale: torch.
     assert fmt == 0 or group == 32, "4-bit formats come in blocks of 32"
     out = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        t = tiles(x2.shape[0], nibbles=fmt != 0)
+        t = tiles(x2.shape[0], narrow=fmt != 0 or scale.dtype == torch.float32)
         grid = (triton.cdiv(x2.shape[0], t["BLOCK_M"]), triton.cdiv(out_features, t["BLOCK_N"]))
         launch(_gguf_matmul_kernel, grid, x2, q, scale, scale if minimum is None else minimum, out, x2.shape[0],
                out_features, in_features, x2.stride(0), out.stride(0), FORMAT=fmt, GROUP=group,
