@@ -36,8 +36,28 @@ class GGUFLinear(nn.Module):
         return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+class GGUFConcatLinear(nn.Module):
+    """A fused projection (q/k/v, gate/up) whose parts come in different GGUF formats (a Q4_K_M file's Q4_K q and k
+    with a Q6_K v): one `GGUFLinear` per run of same-format parts, their outputs side by side, then the bias."""
+
+    def __init__(self, parts: list[GGUFLinear], bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        assert len({p.in_features for p in parts}) == 1 and all(p.bias is None for p in parts)
+        self.parts, self.dtype = nn.ModuleList(parts), dtype
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.cat([p.dequantized_weight() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([p(x) for p in self.parts], dim=-1)
+        return out if self.bias is None else out + self.bias
+
+
 def block_format_counts(model: nn.Module) -> dict[str, int]:
-    """How many of the model's layers run on GGUF blocks, per format (empty: none)."""
+    """How many block-format matrices the model multiplies by, per format (empty: none); a fused projection counts
+    once per run of same-format parts."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, GGUFLinear):

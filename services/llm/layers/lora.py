@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from services.llm.layers.fp8_linear import Fp8Linear
-from services.llm.layers.gguf_linear import GGUFLinear
+from services.llm.layers.gguf_linear import GGUFConcatLinear, GGUFLinear
 from services.llm.layers.int8_linear import Int8Linear
 from services.llm.layers.packed_linear import PackedLinear
 
@@ -32,8 +32,8 @@ class LoRABatch:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear | Int8Linear | Fp8Linear | PackedLinear | GGUFLinear, batch: LoRABatch,
-                 max_loras: int, max_rank: int, parts: list[int]) -> None:
+    def __init__(self, base: nn.Linear | Int8Linear | Fp8Linear | PackedLinear | GGUFLinear | GGUFConcatLinear,
+                 batch: LoRABatch, max_loras: int, max_rank: int, parts: list[int]) -> None:
         super().__init__()
         assert sum(parts) == base.out_features
         self.base, self.batch, self.parts, self.max_rank = base, batch, parts, max_rank

@@ -36,7 +36,7 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # K-quant super-blocks are 256 weights wide
     for i, fmt in enumerate(("Q4_K", "Q6_K")):
         files[fmt] = write_tiny_gguf(root / f"tiny-{fmt}.gguf", fmt, seed=3 + i, hidden=256, intermediate=256)
-    # q/k/v in different formats: the fused q/k/v projection cannot be one block matrix and stays dequantized.
+    # q/k/v in different formats (as in a Q4_K_M file): the fused q/k/v projection is two block matrices.
     files["mixed"] = write_tiny_gguf(root / "tiny-mixed.gguf", "Q4_0", seed=5, overrides={"attn_v": "Q8_0"})
     return files
 
@@ -64,12 +64,16 @@ def test_native_blocks_give_the_dequantized_logits(ggufs: dict[str, Path], fmt: 
     assert block_format_counts(native.model) == {fmt: 4 * LAYERS} and block_format_counts(dequantized.model) == {}
 
 
-def test_mixed_formats_keep_what_they_can(ggufs: dict[str, Path]) -> None:
+def test_fused_parts_in_different_formats_run_side_by_side(ggufs: dict[str, Path]) -> None:
     native = load_model(str(ggufs["mixed"]), CPU, torch.float32, gguf_weights="native")
     dequantized = load_model(str(ggufs["mixed"]), CPU, torch.float32, gguf_weights="dequantize")
     kinds = {name.split(".")[1]: type(m).__name__ for name, m in projections(native.model).items()}
-    assert kinds == {"qkv_proj": "Linear", "o_proj": "GGUFLinear", "gate_up_proj": "GGUFLinear",
+    assert kinds == {"qkv_proj": "GGUFConcatLinear", "o_proj": "GGUFLinear", "gate_up_proj": "GGUFLinear",
                      "down_proj": "GGUFLinear"}
+    qkv = native.model.model.layers[0].self_attn.qkv_proj
+    assert [(p.fmt, p.out_features) for p in qkv.parts] == [("Q4_0", HIDDEN + HIDDEN // 2), ("Q8_0", HIDDEN // 2)]
+    assert block_format_counts(native.model) == {"Q4_0": 4 * LAYERS, "Q8_0": LAYERS}
+    assert parameter_count(native.model) == parameter_count(dequantized.model)
     torch.testing.assert_close(prompt_logits(native, PROMPT, CPU, torch.float32),
                                prompt_logits(dequantized, PROMPT, CPU, torch.float32), rtol=1e-6, atol=1e-6)
 
