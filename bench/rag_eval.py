@@ -1,10 +1,10 @@
 """Retrieval and answer quality of the RAG stack, through its REST API, with the default models.
 
-SciFact (BEIR): nDCG@10 of dense, sparse, hybrid and hybrid+rerank search over the 5,183-abstract corpus,
-plus ingestion throughput. SQuAD v1.1 (articles 0-23): retrieval hit@k and answer EM/F1 for a subset of
-questions, next to the EM/F1 the same LLM gets from the same prompt holding only the gold paragraph (the ceiling;
-the system prompt and answer instruction are this checkout's RETRIEVER_* settings, so give the same ones to a
-retriever passed with --retriever-url).
+SciFact (BEIR): nDCG@10 of dense, sparse, hybrid and hybrid+rerank search over the 5,183-abstract corpus (or,
+with --scifact-corpus-docs, the abstracts the scored claims cite plus random others), plus ingestion throughput.
+SQuAD v1.1 (articles 0-23): retrieval hit@k and answer EM/F1 for a subset of questions, next to the EM/F1 the same
+LLM gets from the same prompt holding only the gold paragraph (the ceiling; the system prompt and answer instruction
+are this checkout's RETRIEVER_* settings, so give the same ones to a retriever passed with --retriever-url).
 
     python bench/rag_eval.py                       # starts the services itself on loopback
     python bench/rag_eval.py --retriever-url http://127.0.0.1:8080 --llm-url http://127.0.0.1:8000
@@ -135,18 +135,32 @@ async def gather_bounded(items: list, work, concurrency: int, desc: str) -> list
 
 # SciFact
 
-async def scifact(http: httpx.AsyncClient, args: argparse.Namespace) -> dict:
+def load_scifact(limit: int, corpus_docs: int = 0) -> tuple[list[dict], dict[str, str], dict[str, dict[str, int]]]:
+    """Documents, the scored claims and their judgements. With `corpus_docs`, a smaller corpus: every abstract a
+    scored claim cites, plus random others up to that size (the same subset on every run)."""
     corpus = [json.loads(line) for line in (EVAL / "scifact" / "corpus.jsonl").open()]
     queries = {q["_id"]: q["text"] for q in map(json.loads, (EVAL / "scifact" / "queries.jsonl").open())}
-    qrels: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    qrels: dict[str, dict[str, int]] = {}
     for line in list((EVAL / "scifact" / "qrels" / "train.tsv").open())[1:]:
         query_id, corpus_id, score = line.split("\t")
-        qrels[query_id][corpus_id] = int(score)
-    documents = [{"id": d["_id"], "text": f"{d['title']}\n\n{d['text']}", "name": d["title"][:100]} for d in corpus]
-    throughput = await ingest(http, "scifact", documents, args.keep)
+        qrels.setdefault(query_id, {})[corpus_id] = int(score)
     judged = sorted(q for q in qrels if q in queries)
     random.Random(0).shuffle(judged)
-    judged = judged[:args.scifact_queries] if args.scifact_queries else judged
+    judged = judged[:limit] if limit else judged
+    if corpus_docs:
+        cited = {doc for q in judged for doc in qrels[q]}
+        others = [d for d in corpus if d["_id"] not in cited]
+        random.Random(1).shuffle(others)
+        keep = cited | {d["_id"] for d in others[:max(0, corpus_docs - len(cited))]}
+        corpus = [d for d in corpus if d["_id"] in keep]
+    documents = [{"id": d["_id"], "text": f"{d['title']}\n\n{d['text']}", "name": d["title"][:100]} for d in corpus]
+    return documents, {q: queries[q] for q in judged}, {q: qrels[q] for q in judged}
+
+
+async def scifact(http: httpx.AsyncClient, args: argparse.Namespace) -> dict:
+    documents, queries, qrels = load_scifact(args.scifact_queries, args.scifact_corpus_docs)
+    throughput = await ingest(http, "scifact", documents, args.keep)
+    judged = list(queries)  # in load_scifact's (seeded, shuffled) order
     results: dict[str, float] = {}
     for search_type in ("dense", "sparse", "hybrid"):
         async def score(query_id: str, kind: str = search_type) -> float:
@@ -255,6 +269,9 @@ def main() -> None:
     parser.add_argument("--rerank-url", default="")
     parser.add_argument("--llm-url", default="")
     parser.add_argument("--scifact-queries", type=int, default=0, help="0: all 809 judged training claims")
+    parser.add_argument("--scifact-corpus-docs", type=int, default=0,
+                        help="0: all 5,183 abstracts; N: those the scored claims cite plus random others up to N "
+                             "(a shorter run on a small machine; scores are higher than over the whole corpus)")
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--rerank-queries", type=int, default=40, help="claims scored with hybrid+rerank")
     parser.add_argument("--rerank-depth", type=int, default=20, help="hybrid candidates the reranker reorders")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import random
 import statistics
 import sys
 import tempfile
@@ -34,7 +32,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench.rag_eval import EVAL, documents_in_order, gather_bounded, ingest, ndcg_at_k, search  # noqa: E402
+from bench.rag_eval import documents_in_order, gather_bounded, ingest, load_scifact, ndcg_at_k, search  # noqa: E402
 from bench.report import print_table, save_result  # noqa: E402
 from tests.support.processes import ServiceProcess, free_port  # noqa: E402
 
@@ -47,28 +45,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # SciFact through REST
-
-def load_scifact(limit: int, corpus_docs: int = 0) -> tuple[list[dict], dict[str, str], dict[str, dict[str, int]]]:
-    """Documents, the scored claims and their judgements. With `corpus_docs`, a smaller corpus: every abstract a
-    scored claim cites, plus random others up to that size (the same subset for both stores)."""
-    corpus = [json.loads(line) for line in (EVAL / "scifact" / "corpus.jsonl").open()]
-    queries = {q["_id"]: q["text"] for q in map(json.loads, (EVAL / "scifact" / "queries.jsonl").open())}
-    qrels: dict[str, dict[str, int]] = {}
-    for line in list((EVAL / "scifact" / "qrels" / "train.tsv").open())[1:]:
-        query_id, corpus_id, score = line.split("\t")
-        qrels.setdefault(query_id, {})[corpus_id] = int(score)
-    judged = sorted(q for q in qrels if q in queries)
-    random.Random(0).shuffle(judged)
-    judged = judged[:limit] if limit else judged
-    if corpus_docs:
-        cited = {doc for q in judged for doc in qrels[q]}
-        others = [d for d in corpus if d["_id"] not in cited]
-        random.Random(1).shuffle(others)
-        keep = cited | {d["_id"] for d in others[:max(0, corpus_docs - len(cited))]}
-        corpus = [d for d in corpus if d["_id"] in keep]
-    documents = [{"id": d["_id"], "text": f"{d['title']}\n\n{d['text']}", "name": d["title"][:100]} for d in corpus]
-    return documents, {q: queries[q] for q in judged}, {q: qrels[q] for q in judged}
-
 
 async def latency(http: httpx.AsyncClient, queries: list[str], concurrency: int, requests: int,
                   warmup: int) -> dict:
