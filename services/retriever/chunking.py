@@ -1,7 +1,8 @@
 """Split text into chunks measured in tokens of the embedding model's tokenizer.
 
 A chunk never holds more tokens than the embedding model reads (its limit minus [CLS]/[SEP]), or the
-embedder would silently cut it. Cuts fall on sentence boundaries where one is near, else on word boundaries.
+embedder would silently cut it; a size capped so shrinks the overlap in the same ratio. Cuts fall on sentence
+boundaries where one is near, else on word boundaries.
 """
 
 from __future__ import annotations
@@ -48,10 +49,16 @@ class Chunker:
     def effective_size(self, size: int) -> int:
         return max(1, min(size, self.max_tokens))
 
+    def effective_overlap(self, size: int, overlap: int) -> int:
+        """`overlap` scaled by the cap on `size` (512/128 on a 254-token model: 63), and at most half a chunk."""
+        effective = self.effective_size(size)
+        if size > effective:  # keep the asked ratio: a full overlap would make capped neighbours share half their text
+            overlap = overlap * effective // size
+        return max(0, min(overlap, effective // 2))
+
     def chunk(self, text: str, size: int, overlap: int) -> list[TextChunk]:
-        """Chunks of at most `min(size, max_tokens)` tokens; neighbours share at most `overlap` tokens."""
-        size = self.effective_size(size)
-        overlap = max(0, min(overlap, size // 2))
+        """Chunks of at most `effective_size(size)` tokens; neighbours share at most `effective_overlap` tokens."""
+        size, overlap = self.effective_size(size), self.effective_overlap(size, overlap)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         offsets, word_ids = encoding.offsets, encoding.word_ids
         n = len(offsets)

@@ -44,7 +44,9 @@ class RetrieverSettings(ServiceSettings):
     tokenizer: str = Field("", description="embedding tokenizer directory for chunking (empty: bundled model's)")
     embed_max_tokens: int = Field(0, description="embedding model input limit incl. special tokens (0: tokenizer's)")
     chunk_size: int = Field(512, description="default chunk size in embedding tokens (capped at the model limit)")
-    chunk_overlap: int = Field(128, description="default overlap between neighbouring chunks, in tokens")
+    chunk_overlap: int = Field(128, description="default overlap between neighbouring chunks, in tokens; when the "
+                                                "size is capped at the model limit, the overlap shrinks in the same "
+                                                "ratio (512/128 with a 256-token model: 254/63)")
     ann_threshold: int = Field(20_000, description="vectors in a collection above which an IVF index (nprobe measured "
                                                    "for recall@10 >= 0.95) replaces exact search")
     index_snapshot_changes: int = Field(1024, description="vectors added/removed before a collection's index file is "

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,3 +61,18 @@ def test_chunks_fit_overlap_at_most_as_asked_and_cover_the_text(chunker: Chunker
     encoded = chunker.tokenizer.encode(text, add_special_tokens=False)
     for start, end in encoded.offsets:
         assert all(covered[start:end]), f"token at {start}:{end} is in no chunk"
+
+
+def test_a_capped_size_scales_the_overlap_in_the_same_ratio(chunker: Chunker) -> None:
+    # 512/128 on a 254-token model: 254-token chunks sharing at most 63 tokens, not half of each chunk
+    assert chunker.effective_overlap(512, 128) == 63
+    assert chunker.effective_overlap(200, 128) == 100 and chunker.effective_overlap(200, 50) == 50  # uncapped
+    sentences = [f"Claim {i} says the compound Z{i} lowers the rate of event {i} in mice." for i in range(120)]
+    text = " ".join(sentences)
+    capped = chunker.chunk(text, 512, 128)
+    assert capped == chunker.chunk(text, 254, 63)
+    for previous, chunk in itertools.pairwise(capped):
+        assert chunk.start < previous.end  # still overlapping
+        assert chunker.count(text[chunk.start:previous.end]) <= 64  # +1: a word split differently at the join
+    embedded = sum(chunk.tokens for chunk in capped)
+    assert embedded < 1.4 * chunker.count(text)  # a 127-token overlap embeds about twice the text
