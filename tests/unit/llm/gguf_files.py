@@ -54,12 +54,13 @@ def random_k_quant_rows(fmt: str, rows: int, cols: int, rng: np.random.Generator
 
 
 def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, str] | None = None,
-                    hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
+                    hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, architecture: str = "llama") -> Path:
     """A 2-layer Llama (GQA 4/2, tied embeddings) with decoder projections in `fmt` (a GGML type name; per
     projection, e.g. `{"attn_v": "Q8_0"}`, in `overrides`) and everything else in F32. Q4_K's and Q6_K's
-    super-blocks need `hidden` and `intermediate` to be multiples of 256; their blocks are random."""
+    super-blocks need `hidden` and `intermediate` to be multiples of 256; their blocks are random. `architecture`
+    "qwen2": Qwen2 instead, with q/k/v biases and no Q/K row permutation."""
     vocab = tokens()
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(LAYERS)
     writer.add_context_length(1024)
     writer.add_embedding_length(hidden)
@@ -90,8 +91,9 @@ def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, st
     writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
     head_dim = hidden // HEADS
     for i in range(LAYERS):
-        projections = {"attn_q": llama_cpp_permute(dense(HEADS * head_dim, hidden), HEADS),
-                       "attn_k": llama_cpp_permute(dense(KV_HEADS * head_dim, hidden), KV_HEADS),
+        permute = llama_cpp_permute if architecture == "llama" else (lambda weights, heads: weights)
+        projections = {"attn_q": permute(dense(HEADS * head_dim, hidden), HEADS),
+                       "attn_k": permute(dense(KV_HEADS * head_dim, hidden), KV_HEADS),
                        "attn_v": dense(KV_HEADS * head_dim, hidden), "attn_output": dense(hidden, hidden),
                        "ffn_gate": dense(intermediate, hidden), "ffn_up": dense(intermediate, hidden),
                        "ffn_down": dense(hidden, intermediate)}
@@ -100,6 +102,10 @@ def write_tiny_gguf(path: Path, fmt: str, seed: int = 0, overrides: dict[str, st
             data = (random_k_quant_rows(qtype.name, *weights.shape, rng) if qtype.name in ("Q4_K", "Q6_K")
                     else gguf.quants.quantize(weights, qtype))
             writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=qtype)
+        if architecture == "qwen2":
+            for name, rows in (("attn_q", HEADS * head_dim), ("attn_k", KV_HEADS * head_dim),
+                               ("attn_v", KV_HEADS * head_dim)):
+                writer.add_tensor(f"blk.{i}.{name}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
         for name in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
     writer.write_header_to_file()

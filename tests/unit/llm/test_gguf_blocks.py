@@ -11,7 +11,7 @@ from torch import nn
 
 from services.llm.kernels import launches
 from services.llm.kernels.dispatch import triton_everywhere
-from services.llm.layers.gguf_linear import GGUFLinear, block_format_counts
+from services.llm.layers.gguf_linear import GGUFConcatLinear, GGUFLinear, block_format_counts
 from services.llm.loader import load_model, parameter_count
 from services.llm.perplexity import prompt_logits
 from tests.unit.llm.kernels.triton_mode import requires_interpreter
@@ -38,6 +38,10 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         files[fmt] = write_tiny_gguf(root / f"tiny-{fmt}.gguf", fmt, seed=3 + i, hidden=256, intermediate=256)
     # q/k/v in different formats (as in a Q4_K_M file): the fused q/k/v projection is two block matrices.
     files["mixed"] = write_tiny_gguf(root / "tiny-mixed.gguf", "Q4_0", seed=5, overrides={"attn_v": "Q8_0"})
+    # Qwen2: q/k/v biases, loaded into the block-format layers after they are swapped in
+    files["qwen2"] = write_tiny_gguf(root / "tiny-qwen2.gguf", "Q8_0", seed=6, architecture="qwen2")
+    files["qwen2-mixed"] = write_tiny_gguf(root / "tiny-qwen2-mixed.gguf", "Q8_0", seed=7, architecture="qwen2",
+                                           overrides={"attn_v": "Q4_1"})
     return files
 
 
@@ -74,6 +78,19 @@ def test_fused_parts_in_different_formats_run_side_by_side(ggufs: dict[str, Path
     assert [(p.fmt, p.out_features) for p in qkv.parts] == [("Q4_0", HIDDEN + HIDDEN // 2), ("Q8_0", HIDDEN // 2)]
     assert block_format_counts(native.model) == {"Q4_0": 4 * LAYERS, "Q8_0": LAYERS}
     assert parameter_count(native.model) == parameter_count(dequantized.model)
+    torch.testing.assert_close(prompt_logits(native, PROMPT, CPU, torch.float32),
+                               prompt_logits(dequantized, PROMPT, CPU, torch.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "layer"), [("qwen2", GGUFLinear), ("qwen2-mixed", GGUFConcatLinear)])
+def test_qwen2_biases_reach_the_block_format_layers(ggufs: dict[str, Path], name: str, layer: type) -> None:
+    native = load_model(str(ggufs[name]), CPU, torch.float32, gguf_weights="native")
+    dequantized = load_model(str(ggufs[name]), CPU, torch.float32, gguf_weights="dequantize")
+    assert native.config.model_type == "qwen2"
+    qkv = native.model.model.layers[1].self_attn.qkv_proj
+    assert type(qkv) is layer and qkv.bias is not None
+    torch.testing.assert_close(qkv.bias, dequantized.model.model.layers[1].self_attn.qkv_proj.bias, rtol=0, atol=0)
+    assert qkv.bias.abs().sum() > 0
     torch.testing.assert_close(prompt_logits(native, PROMPT, CPU, torch.float32),
                                prompt_logits(dequantized, PROMPT, CPU, torch.float32), rtol=1e-6, atol=1e-6)
 
