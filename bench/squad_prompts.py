@@ -2,7 +2,8 @@
 
 Each paragraph of the shared SQuAD dev articles is one document; a question's sources are the paragraphs the
 bundled embedding model ranks highest for it (dense search, as the retriever's dense mode does), laid out
-with the retriever's own system prompt, source blocks and question template. Questions are shuffled with a
+by the retriever's own prompt assembly (services/retriever/prompt.py: system prompt, source blocks, question
+message and answer instruction). Questions are shuffled with a
 fixed seed. Needs ../shared/eval/squad (see its README).
 """
 
@@ -28,14 +29,13 @@ def squad_rag_prompts(count: int, num_sources: int = 4, seed: int = 0) -> list[S
     from sentence_transformers import SentenceTransformer
 
     from common.model_files import bundled_embedding_model
-    from services.retriever.rag import QUESTION_TEMPLATE
+    from services.retriever.prompt import rag_messages, source_block
     from services.retriever.settings import RetrieverSettings
 
     data = json.loads(SQUAD.read_text())["data"]
-    names, paragraphs, questions = [], [], []
+    paragraphs, questions = [], []
     for article in data:
-        for number, paragraph in enumerate(article["paragraphs"]):
-            names.append(f"{article['title']} #{number}")
+        for paragraph in article["paragraphs"]:
             paragraphs.append(paragraph["context"])
             questions.extend((qa["question"], [a["text"] for a in qa["answers"]]) for qa in paragraph["qas"])
     random.Random(seed).shuffle(questions)
@@ -45,11 +45,10 @@ def squad_rag_prompts(count: int, num_sources: int = 4, seed: int = 0) -> list[S
                           show_progress_bar=True)
     queries = encoder.encode([q for q, _ in questions], normalize_embeddings=True, convert_to_tensor=True)
     top = (queries @ docs.T).topk(num_sources, dim=-1).indices.tolist()
-    system = RetrieverSettings().system_prompt
+    settings = RetrieverSettings()
     prompts = []
     for (question, answers), ranked in zip(questions, top, strict=True):
-        sources = "\n\n".join(f"[{n}] ({names[i]}) {paragraphs[i]}" for n, i in enumerate(ranked, start=1))
-        user = QUESTION_TEMPLATE.format(sources=sources, question=question)
-        prompts.append(SquadPrompt(question, answers, [{"role": "system", "content": system},
-                                                       {"role": "user", "content": user}]))
+        sources = [source_block(n, paragraphs[i]) for n, i in enumerate(ranked, start=1)]
+        messages = rag_messages(settings.system_prompt, [], sources, question, settings.answer_instruction)
+        prompts.append(SquadPrompt(question, answers, messages))
     return prompts
