@@ -195,20 +195,21 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
             questions.extend((doc_id, paragraph["context"], qa["question"], [a["text"] for a in qa["answers"]])
                              for qa in paragraph["qas"])
     throughput = await ingest(http, "squad", paragraphs, args.keep)
-    random.Random(0).shuffle(questions)
-    questions = questions[:args.squad_questions]
+    random.Random(args.squad_seed).shuffle(questions)
+    questions = questions[args.squad_skip:args.squad_skip + args.squad_questions]
     settings = RetrieverSettings()
+    records = args.squad_records.open("w") if args.squad_records else None
 
     async def evaluate(item: tuple) -> dict:
         doc_id, context, question, answers = item
         chunks = await search(http, "squad", question, "hybrid", top_k=args.hit_k)
-        hit = doc_id in {c["document_id"] for c in chunks}
+        ranked = [c["document_id"] for c in chunks]
         reply = await http.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": question}], "collection_names": ["squad"], "temperature": 0,
             "max_tokens": 32, "reranker_top_k": args.hit_k, "enable_reranker": False})
         reply.raise_for_status()
         answer = reply.json()["choices"][0]["message"]["content"]
-        sources = reply.json()["citations"]["total_results"]
+        cited = [c["document_id"] for c in reply.json()["citations"]["results"]]
         # the ceiling: the retriever's own prompt, holding the gold paragraph as its only source
         gold_prompt = rag_messages(settings.system_prompt, [], [source_block(1, context)], question,
                                    settings.answer_instruction)
@@ -216,17 +217,44 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
                                                                 "max_tokens": 32})
         ceiling.raise_for_status()
         gold_answer = ceiling.json()["choices"][0]["message"]["content"]
-        return {"hit": hit, "sources": sources, "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
-                "ceiling_em": exact_match(gold_answer, answers), "ceiling_f1": f1_score(gold_answer, answers)}
+        record = {"question": question, "answers": answers, "hit": doc_id in ranked,
+                  "gold_rank": ranked.index(doc_id) + 1 if doc_id in ranked else None,
+                  "gold_source": cited.index(doc_id) + 1 if doc_id in cited else None,
+                  "scores": [round(c["score"], 5) for c in chunks], "sources": len(cited),
+                  "answer": answer, "gold_answer": gold_answer,
+                  "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
+                  "ceiling_em": exact_match(gold_answer, answers), "ceiling_f1": f1_score(gold_answer, answers)}
+        if records:
+            records.write(json.dumps(record) + "\n")
+            records.flush()
+        return record
 
     rows = await gather_bounded(questions, evaluate, args.squad_concurrency, "squad")
-    mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+    if records:
+        records.close()
+    numeric = ("hit", "sources", "em", "f1", "ceiling_em", "ceiling_f1")
+    mean = {key: sum(r[key] for r in rows) / len(rows) for key in numeric}
     return {"questions": len(rows), f"hit@{args.hit_k}": mean["hit"], "rag": {"em": mean["em"], "f1": mean["f1"]},
             "gold_paragraph": {"em": mean["ceiling_em"], "f1": mean["ceiling_f1"]},
             "rag_f1_over_gold_f1": mean["f1"] / mean["ceiling_f1"] if mean["ceiling_f1"] else None,
             "sources_per_answer": mean["sources"], "prompt": {"system": settings.system_prompt,
                                                               "answer_instruction": settings.answer_instruction},
-            "paragraphs": len(paragraphs), "ingestion": throughput}
+            "by_gold_source": by_gold_source(rows), "paragraphs": len(paragraphs), "ingestion": throughput,
+            "per_question": rows}
+
+
+def by_gold_source(rows: list[dict]) -> dict[str, dict]:
+    """Where RAG answers lose to the gold-paragraph ones: means per position of the gold paragraph among the
+    prompt's sources (1: the best, written last), "none" where it did not go in."""
+    groups: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        groups[str(row["gold_source"] or "none")].append(row)
+    return {key: {"questions": len(group), "f1": sum(r["f1"] for r in group) / len(group),
+                  "ceiling_f1": sum(r["ceiling_f1"] for r in group) / len(group),
+                  "sources": sum(r["sources"] for r in group) / len(group),
+                  "answer_words": sum(len(r["answer"].split()) for r in group) / len(group),
+                  "ceiling_answer_words": sum(len(r["gold_answer"].split()) for r in group) / len(group)}
+            for key, group in sorted(groups.items())}
 
 
 def start_stack(args: argparse.Namespace, stack: ExitStack) -> None:
@@ -276,6 +304,11 @@ def main() -> None:
     parser.add_argument("--rerank-queries", type=int, default=40, help="claims scored with hybrid+rerank")
     parser.add_argument("--rerank-depth", type=int, default=20, help="hybrid candidates the reranker reorders")
     parser.add_argument("--squad-questions", type=int, default=60)
+    parser.add_argument("--squad-seed", type=int, default=0, help="shuffle seed of the SQuAD questions")
+    parser.add_argument("--squad-skip", type=int, default=0,
+                        help="skip the first N shuffled questions (a tuning slice apart from the reported one)")
+    parser.add_argument("--squad-records", type=Path, default=None,
+                        help="also write each question's record to this JSONL file as it is answered")
     parser.add_argument("--squad-concurrency", type=int, default=2, help="SQuAD questions answered at once")
     parser.add_argument("--hit-k", type=int, default=5)
     parser.add_argument("--keep", action="store_true",
@@ -301,10 +334,14 @@ def main() -> None:
                   f"{sq['gold_paragraph']['em']:.3f} / {sq['gold_paragraph']['f1']:.3f}"],  # type: ignore[index]
                  ["SQuAD RAG F1 / gold-paragraph F1", sq["rag_f1_over_gold_f1"], ""],  # type: ignore[index]
                  ["SQuAD sources per RAG answer", sq["sources_per_answer"], ""]]  # type: ignore[index]
+        for key, group in sq["by_gold_source"].items():  # type: ignore[index]
+            rows.append([f"SQuAD gold as source {key}: n / F1 (gold-paragraph F1)",
+                         f"{group['questions']} / {group['f1']:.3f}", f"{group['ceiling_f1']:.3f}"])
     print_table("RAG evaluation (REST API, default models)", ["metric", "ours", "reference"], rows)
     # a SQuAD-only run must not overwrite the SciFact record written under "rag_eval"
     name = "rag_eval" if "scifact" in results else "rag_eval_squad"
-    path = save_result(name, workload={k: v for k, v in vars(args).items() if not k.endswith("_url")},
+    path = save_result(name, workload={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                                   if not k.endswith("_url")},
                        ours=results, peer={"scifact_published_test_split": PUBLISHED,
                                            "squad_gold_paragraph": (results.get("squad") or {}).get("gold_paragraph")})
     print(f"\nwrote {path}")

@@ -120,7 +120,8 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
                                    vdb_top_k=settings.vdb_top_k, reranker_top_k=settings.reranker_top_k,
                                    default_max_tokens=settings.default_max_tokens,
                                    answer_instruction=settings.answer_instruction,
-                                   source_tokens=settings.rag_source_tokens, deadline=settings.rag_timeout)
+                                   source_tokens=settings.rag_source_tokens,
+                                   min_score_ratio=settings.rag_min_score_ratio, deadline=settings.rag_timeout)
         readiness.details.update({**vector_store.details(),
                                   "chunk_limit_tokens": chunker.max_tokens})
         tasks = [asyncio.create_task(watch_dependencies()), asyncio.create_task(save_indexes(knowledge_base))]

@@ -4,7 +4,9 @@ What repeats across requests comes first and byte-identical, so the LLM's prefix
     [system: fixed instructions] [earlier turns] [user: "Sources:", the sources, the question, the answer instruction]
 Sources are numbered by rank ([1] is the best) and written best last, next to the question, where a small model
 looks. How many go in is what the context leaves after everything else and, for a small model, less: a 135M model
-answers worse from three to five SQuAD paragraphs than from two (bench/rag_eval.py --parts squad).
+answers worse from three to five SQuAD paragraphs than from two (bench/rag_eval.py --parts squad). A model with
+such a budget also gets only the sources that score close to the best one (`min_score_ratio`): a clearly weaker
+chunk is more often a distractor it copies from than the answer the best one missed.
 """
 
 from __future__ import annotations
@@ -30,13 +32,22 @@ def source_block(number: int, content: str, page: object = None) -> str:
     return f"[{number}] (page {page}) {content}" if page is not None else f"[{number}] {content}"
 
 
-def sources_that_fit(costs: list[int], room: int, budget: int | None) -> int:
+def sources_that_fit(costs: list[int], room: int, budget: int | None, scores: list[float] | None = None,
+                     min_score_ratio: float = 0.0) -> int:
     """How many of the best sources go in, given each one's tokens (best first): those that fit `room` (what the
-    context leaves) and `budget` (what the model reads well). The best one goes in whenever it fits the room."""
+    context leaves) and `budget` (what the model reads well). The best one goes in whenever it fits the room.
+    With a budget, the others also need a score of at least `min_score_ratio` times the best one's (where the best
+    is positive: a ratio means nothing for logits that can be negative)."""
+    assert scores is None or len(scores) == len(costs)
+    floor = None
+    if budget is not None and scores and min_score_ratio > 0 and scores[0] > 0:
+        floor = scores[0] * min_score_ratio
     used = spent = 0
-    for cost in costs:
+    for number, cost in enumerate(costs):
         cost += SOURCE_SEPARATOR_TOKENS
         if spent + cost > room or (used and budget is not None and spent + cost > budget):
+            break
+        if used and floor is not None and scores is not None and scores[number] < floor:
             break
         used, spent = used + 1, spent + cost
     return used

@@ -42,10 +42,12 @@ class PreparedAnswer:
 class RagPipeline:
     def __init__(self, knowledge_base: KnowledgeBase, llm: LLMClient, reranker: RerankClient | None, *,
                  system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int,
-                 answer_instruction: str = "", source_tokens: int = 0, deadline: float = 600.0) -> None:
+                 answer_instruction: str = "", source_tokens: int = 0, min_score_ratio: float = 0.0,
+                 deadline: float = 600.0) -> None:
         self.kb, self.llm, self.reranker = knowledge_base, llm, reranker
         self.system_prompt, self.answer_instruction = system_prompt, answer_instruction
         self.source_tokens = source_tokens  # 0: by the LLM's size
+        self.min_score_ratio = min_score_ratio  # for models with a source budget: sources near the best only
         self.vdb_top_k, self.reranker_top_k = vdb_top_k, reranker_top_k
         self.default_max_tokens = default_max_tokens
         self.deadline = deadline
@@ -148,7 +150,7 @@ class RagPipeline:
                   for n, hit in enumerate(hits, start=1)]
         costs = await self.llm.count_tokens(blocks) if blocks else []
         budget = self.source_tokens or source_budget(await self.llm.parameters())
-        used = sources_that_fit(costs, room, budget)
+        used = sources_that_fit(costs, room, budget, [hit.score for hit in hits], self.min_score_ratio)
         return layout(turns, blocks[:used]), hits[:used]
 
     async def answer(self, prepared: PreparedAnswer) -> dict:

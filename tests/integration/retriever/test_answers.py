@@ -46,7 +46,9 @@ def _retriever_with_kb(env: dict[str, str], data: Path) -> Iterator[httpx.Client
 def client(embed_process: ServiceProcess, llm_process: ServiceProcess, vector_store: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     data = tmp_path_factory.mktemp(f"retriever-{vector_store}")
-    env = {**retriever_env(data, embed_process.url, vector_store), "RETRIEVER_LLM_URL": llm_process.url}
+    # no score cut-off: these tests count how many sources the context and the source budget let in
+    env = {**retriever_env(data, embed_process.url, vector_store), "RETRIEVER_LLM_URL": llm_process.url,
+           "RETRIEVER_RAG_MIN_SCORE_RATIO": "0"}
     yield from _retriever_with_kb(env, data)
 
 

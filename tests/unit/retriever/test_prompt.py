@@ -53,3 +53,19 @@ def test_every_answer_shares_a_byte_identical_head_for_the_prefix_cache() -> Non
     assert one[1]["content"].startswith("Sources:\n[") and two[1]["content"].startswith("Sources:\n[")
     turns = [{"role": "user", "content": "Earlier."}, {"role": "assistant", "content": "Noted."}]
     assert rag_messages(SYSTEM, turns, [], "Q?", "")[:3] == [one[0], *turns]
+
+
+def test_a_budgeted_model_gets_only_the_sources_that_score_near_the_best() -> None:
+    costs, scores = [100, 100, 100], [0.032, 0.030, 0.016]  # the third: found by one retriever of two
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=scores, min_score_ratio=0.9) == 2
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=scores, min_score_ratio=0.95) == 1
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=scores, min_score_ratio=0.0) == 3
+    # the first weak source ends the list, as the budget does: sources stay a prefix of the ranking
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=[0.032, 0.016, 0.031], min_score_ratio=0.9) == 1
+
+
+def test_the_score_cut_off_spares_unbudgeted_models_and_scores_that_are_not_positive() -> None:
+    costs = [100, 100]
+    assert sources_that_fit(costs, room=10_000, budget=None, scores=[0.9, 0.1], min_score_ratio=0.9) == 2
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=[-1.0, -5.0], min_score_ratio=0.9) == 2
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=[0.9, 0.1], min_score_ratio=0.9) == 1
