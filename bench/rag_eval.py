@@ -221,6 +221,7 @@ async def squad(http: httpx.AsyncClient, llm: httpx.AsyncClient, args: argparse.
                   "gold_rank": ranked.index(doc_id) + 1 if doc_id in ranked else None,
                   "gold_source": cited.index(doc_id) + 1 if doc_id in cited else None,
                   "scores": [round(c["score"], 5) for c in chunks], "sources": len(cited),
+                  "source_scores": [round(c["score"], 5) for c in reply.json()["citations"]["results"]],
                   "answer": answer, "gold_answer": gold_answer,
                   "em": exact_match(answer, answers), "f1": f1_score(answer, answers),
                   "ceiling_em": exact_match(gold_answer, answers), "ceiling_f1": f1_score(gold_answer, answers)}
