@@ -82,7 +82,7 @@ class RetrieverSettings(ServiceSettings):
         0, ge=0, description="most prompt tokens of sources in a RAG answer (0: by the LLM's size from its "
                              "/v1/models `parameters`: 384 up to 0.5B, 4096 up to 3B, else all its context holds)")
     rag_min_score_ratio: float = Field(
-        0.9, ge=0.0, le=1.0,
+        0.95, ge=0.0, le=1.0,
         description="for an LLM with a source budget (see RETRIEVER_RAG_SOURCE_TOKENS): a source after the best "
                     "goes in only if its score is at least this fraction of the best one's (0: no cut-off; not "
                     "applied where the best score is not positive)")
