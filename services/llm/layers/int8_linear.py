@@ -1,6 +1,9 @@
-"""A linear layer with weight-only int8 weights (per output channel), the loader's `int8` weight format."""
+"""Linear layers with weight-only quantized weights (one scale per output channel): the loader's `int8` weight
+format here, and the shared shape of such layers that `fp8_linear.py` reuses."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -8,14 +11,19 @@ from torch import nn
 from services.llm.kernels.int8_matmul import int8_matmul, quantize_int8_per_channel
 
 
-class Int8Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """A projection whose weights are quantized per output channel at construction. Subclasses name the
+    quantizer (weight -> (qweight, scale)) and the matmul (x, qweight, scale -> x @ W.T)."""
+
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_int8_per_channel(linear.weight.data)
-        dtype = linear.weight.dtype
+        q, scale = type(self).quantize(linear.weight.data)
         self.qweight = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(scale.to(dtype), requires_grad=False)
+        self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
 
     @property
@@ -23,18 +31,28 @@ class Int8Linear(nn.Module):
         return self.scale.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x, self.qweight, self.scale)
+        out = type(self).matmul(x, self.qweight, self.scale)
         return out if self.bias is None else out + self.bias
 
 
-def quantize_linears_int8(model: nn.Module) -> int:
-    """Swaps every decoder layer's projections for `Int8Linear` (embeddings and the LM head stay as they are:
-    they are a small share of the weights and the most sensitive to rounding). Returns the bytes saved."""
+class Int8Linear(WeightOnlyLinear):
+    quantize = staticmethod(quantize_int8_per_channel)
+    matmul = staticmethod(int8_matmul)
+
+
+def quantize_projections(model: nn.Module, layer_type: type[WeightOnlyLinear]) -> int:
+    """Swaps every decoder layer's projections for `layer_type` (embeddings and the LM head stay as they are:
+    they are a small share of the weights and the most sensitive to rounding). Returns the bytes saved (both
+    formats store one byte per weight)."""
     saved = 0
     for layer in model.model.layers:
         for owner in (layer.self_attn, layer.mlp):
             for name, child in list(owner.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(owner, name, Int8Linear(child))
+                    setattr(owner, name, layer_type(child))
                     saved += child.weight.numel() * (child.weight.element_size() - 1)
     return saved
+
+
+def quantize_linears_int8(model: nn.Module) -> int:
+    return quantize_projections(model, Int8Linear)
