@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from services.llm.gptq import gptq_round
 from services.llm.kernels.dispatch import use_triton
 
 INT8PACK_MAX_ROWS = 16  # above this many rows the widened bf16 GEMM is faster than the int8 kernel on CPU
@@ -34,9 +35,16 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return int8_matmul_reference(x, q, scale)
 
 
-def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: returns (q, scale) with weight ~= q * scale[:, None]."""
+def round_to_int8(scaled: torch.Tensor) -> torch.Tensor:
+    return torch.round(scaled).clamp(-127, 127)
+
+
+def quantize_int8_per_channel(weight: torch.Tensor,
+                              hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q, scale) with weight ~= q * scale[:, None]; rounded to nearest,
+    or with `hessian` by GPTQ on the same grid (as `quantize_fp8_per_channel`)."""
     w = weight.float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    scaled = w / scale[:, None]
+    rounded = round_to_int8(scaled) if hessian is None else gptq_round(scaled, hessian, round_to_int8)
+    return rounded.to(torch.int8), scale
