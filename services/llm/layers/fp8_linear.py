@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from services.llm.kernels.fp8_matmul import fp8_matmul, quantize_fp8_per_channel
@@ -13,6 +14,7 @@ class Fp8Linear(WeightOnlyLinear):
     matmul = staticmethod(fp8_matmul)
 
 
-def quantize_linears_fp8(model: nn.Module) -> int:
-    """Swaps every decoder layer's projections for `Fp8Linear`, as int8 does. Returns the bytes saved."""
-    return quantize_projections(model, Fp8Linear)
+def quantize_linears_fp8(model: nn.Module, hessians: dict[nn.Linear, torch.Tensor] | None = None) -> int:
+    """Swaps every decoder layer's projections for `Fp8Linear`, as int8 does, GPTQ-rounded where `hessians` has the
+    projection's input Hessian (`services/llm/calibration.py`). Returns the bytes saved."""
+    return quantize_projections(model, Fp8Linear, hessians)

@@ -3,7 +3,7 @@ format here, and the shared shape of such layers that `fp8_linear.py` reuses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,15 +13,16 @@ from services.llm.kernels.int8_matmul import int8_matmul, quantize_int8_per_chan
 
 class WeightOnlyLinear(nn.Module):
     """A projection whose weights are quantized per output channel at construction. Subclasses name the
-    quantizer (weight -> (qweight, scale)) and the matmul (x, qweight, scale -> x @ W.T)."""
+    quantizer ((weight, input Hessian or None) -> (qweight, scale)) and the matmul (x, qweight, scale -> x @ W.T).
+    With `hessian`, the quantizer rounds by GPTQ (`services/llm/gptq.py`) instead of to nearest."""
 
-    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    quantize: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
     matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, hessian: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = type(self).quantize(linear.weight.data)
+        q, scale = type(self).quantize(linear.weight.data, hessian)
         self.qweight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
@@ -40,17 +41,24 @@ class Int8Linear(WeightOnlyLinear):
     matmul = staticmethod(int8_matmul)
 
 
-def quantize_projections(model: nn.Module, layer_type: type[WeightOnlyLinear]) -> int:
-    """Swaps every decoder layer's projections for `layer_type` (embeddings and the LM head stay as they are:
-    they are a small share of the weights and the most sensitive to rounding). Returns the bytes saved (both
-    formats store one byte per weight)."""
-    saved = 0
+def decoder_projections(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(owner, name, linear) for every decoder layer's projection: what the weight formats quantize (embeddings
+    and the LM head stay as they are: a small share of the weights and the most sensitive to rounding)."""
     for layer in model.model.layers:
         for owner in (layer.self_attn, layer.mlp):
             for name, child in list(owner.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(owner, name, layer_type(child))
-                    saved += child.weight.numel() * (child.weight.element_size() - 1)
+                    yield owner, name, child
+
+
+def quantize_projections(model: nn.Module, layer_type: type[WeightOnlyLinear],
+                         hessians: dict[nn.Linear, torch.Tensor] | None = None) -> int:
+    """Swaps every decoder projection for `layer_type`, GPTQ-rounded where `hessians` has its input Hessian.
+    Returns the bytes saved (both formats store one byte per weight)."""
+    saved = 0
+    for owner, name, linear in list(decoder_projections(model)):
+        setattr(owner, name, layer_type(linear, (hessians or {}).get(linear)))
+        saved += linear.weight.numel() * (linear.weight.element_size() - 1)
     return saved
 
 
