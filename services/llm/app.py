@@ -89,7 +89,8 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),
                           max_lora_rank=settings.max_lora_rank, quantization=settings.quantization,
                           cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights,
-                          kv_cache_dtype=settings.kv_cache_dtype, cpu_compile=settings.cpu_compile)
+                          kv_cache_dtype=settings.kv_cache_dtype, cpu_compile=settings.cpu_compile,
+                          cpu_attention=settings.cpu_attention)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)

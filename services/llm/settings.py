@@ -66,6 +66,10 @@ class LLMSettings(ServiceSettings):
                               "steps (128 tokens and more) are compiled by torch.compile (inductor) at start-up: "
                               "about a fifth less CPU per prefill; needs a C++ compiler (without one they stay "
                               "eager, with a warning)")
+    cpu_attention: str = Field("auto", description="CPU decode attention: kernel (a C kernel that reads the paged "
+                                "KV cache in place, built with the system C compiler at first start; fails "
+                                "without one), torch (gathers each step's blocks, then SDPA), or auto (the kernel "
+                                "where it builds, else torch with a warning)")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from services.llm.config import ModelConfig
 from services.llm.engine.block_manager import BlockManager
 from services.llm.engine.gpu_memory import plan_kv_budget
 from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
@@ -25,7 +26,7 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
-from services.llm.kernels import cpu_compiled
+from services.llm.kernels import cpu_compiled, paged_attention_cpu
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
@@ -67,6 +68,7 @@ class EngineConfig:
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_*/Q6_K projections: native (blocks), dequantize, or auto
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
+    cpu_attention: str = "auto"  # CPU decode attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -82,6 +84,8 @@ class EngineConfig:
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # an unknown name fails here
+        if self.cpu_attention not in paged_attention_cpu.CHOICES:
+            raise ValueError(f"cpu_attention must be one of {paged_attention_cpu.CHOICES}, got {self.cpu_attention!r}")
 
 
 class LLMEngine:
@@ -124,7 +128,7 @@ class LLMEngine:
                                   num_blocks)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided,
-                                  self.kv_dtype)
+                                  self.kv_dtype, self._cpu_attention_kernel(loaded.config))
         # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
                 and self.loras is None:
@@ -421,6 +425,21 @@ class LLMEngine:
         for module in modules:
             module.compiled_cpu = True
         log.info("RMSNorm, rotary and SiLU-and-mul compiled for prefill-sized CPU steps (%.1fs)", seconds)
+
+    def _cpu_attention_kernel(self, model: ModelConfig) -> paged_attention_cpu.DecodeKernel | None:
+        """The C decode attention kernel where the engine runs on CPU and the kernel takes its dtypes and shapes."""
+        if self.device.type != "cpu" or use_triton_on(self.device):
+            return None
+        kernel = paged_attention_cpu.resolve_cpu_attention(self.config.cpu_attention)
+        if kernel is None:
+            return None
+        if not kernel.supports(self.dtype, self.kv_dtype, model.num_heads, model.num_kv_heads, model.head_dim):
+            log.warning("the CPU paged-attention kernel does not take %s / %s cache with %d/%d heads of %d; decode "
+                        "attention stays on the torch path", self.dtype, self.kv_dtype, model.num_heads,
+                        model.num_kv_heads, model.head_dim)
+            return None
+        log.info("CPU decode attention: C kernel over the paged cache (kernels/paged_attention_cpu)")
+        return kernel
 
     def _max_model_len(self, loaded: LoadedModel) -> int:
         limit = loaded.config.max_position_embeddings

@@ -24,6 +24,7 @@ from services.llm.guided import GuidedDecoder
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.kv_store import FP8_KV_DTYPE, fp8_kv_scale
+from services.llm.kernels.paged_attention_cpu import DecodeKernel
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.lora import LoRABatch
 from services.llm.layers.sampler import LogitsMask, Sampler, SamplingRow
@@ -57,9 +58,11 @@ class PackedStep:
 
 
 def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists: list[list[int]], block_size: int,
-              kv_bytes_per_token: int, device: torch.device) -> PackedStep:
+              kv_bytes_per_token: int, device: torch.device, attention_kernel: DecodeKernel | None = None,
+              ) -> PackedStep:
     """A step's model inputs: sequence i feeds `token_lists[i]` at positions from `starts[i]` on, its keys and
-    values going to the blocks of `block_table_lists[i]`. Built with a handful of tensor ops."""
+    values going to the blocks of `block_table_lists[i]`. Built with a handful of tensor ops. `attention_kernel`:
+    the CPU decode attention kernel, if the engine has one."""
     tokens = [token for token_list in token_lists for token in token_list]
     batch = len(token_lists)
     num_new = torch.tensor([len(token_list) for token_list in token_lists], dtype=torch.int32)
@@ -81,7 +84,7 @@ def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists
     cpu_plan = None
     if device.type == "cpu" and not use_triton_on(device):  # the interpreter tests route CPU to Triton
         cpu_plan = plan_cpu_attention(num_new.tolist(), seq_lens.tolist(), block_tables, slot_mapping, block_size,
-                                      kv_bytes_per_token)
+                                      kv_bytes_per_token, attention_kernel)
     meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
                              cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
                              decode_only=decode_only, max_query_len=max(len(t) for t in token_lists),
@@ -135,8 +138,10 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
                  proposer: Proposer | None = None, lora_batch: LoRABatch | None = None,
-                 guided: GuidedDecoder | None = None, kv_dtype: torch.dtype | None = None) -> None:
-        """`kv_dtype`: the KV pool's element type (None: the model's `dtype`)."""
+                 guided: GuidedDecoder | None = None, kv_dtype: torch.dtype | None = None,
+                 attention_kernel: DecodeKernel | None = None) -> None:
+        """`kv_dtype`: the KV pool's element type (None: the model's `dtype`); `attention_kernel`: CPU decodes
+        attend in this C kernel (None: the torch path)."""
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         self.kv_dtype = kv_dtype or dtype
@@ -150,6 +155,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphRunner | None = None
         self.proposer = proposer
         self.lora_batch = lora_batch  # the LoRA layers' step mapping, when the model has them
+        self.attention_kernel = attention_kernel
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
@@ -255,7 +261,7 @@ class ModelRunner:
             token_lists.append(tokens + drafts[i] if drafts is not None and i in drafts else tokens)
         packed = pack_step(token_lists, [seq.num_computed_tokens for seq in batch.seqs],
                            [seq.block_table for seq in batch.seqs], self.block_size, self.kv_bytes_per_token,
-                           self.device)
+                           self.device, self.attention_kernel)
         if self.lora_batch is not None:
             self._bind_loras(batch.seqs, [len(tokens) for tokens in token_lists])
         step = StepOutput(num_computed=[len(tokens) for tokens in token_lists])

@@ -9,8 +9,9 @@ syncs and no index arithmetic. Per layer, `cpu_paged_attention`:
 - whole-prompt prefills attend over the layer's fresh keys and values, as cast for the cache: they are the
   cache's contents for those tokens, so they are read in place (no gather from the pool);
 - prefix-cache extensions and later prefill chunks gather their sequence's blocks once;
-- decodes run in groups of similar length, each padded only to its own longest and gathered with one
-  `index_select` into a buffer small enough to stay in cache.
+- decodes run in the C kernel of `paged_attention_cpu` when the engine has it (each row's blocks read in
+  place, no copy); otherwise in groups of similar length, each padded only to its own longest and gathered
+  with one `index_select` into a buffer small enough to stay in cache.
 
 `attention.paged_attention_reference` stays the oracle (the Triton tests use it); this path is checked
 against the same token-by-token oracle in tests/unit/llm/kernels.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from services.llm.kernels.kv_store import to_cache_dtype
+from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes
 
 # Decode groups are cut so one group's gathered keys and values stay within this (about the L2 cache).
 DECODE_GROUP_BYTES = 2 * 2**20
@@ -52,14 +54,18 @@ class PrefillSequence:
 @dataclass(slots=True)
 class CpuAttentionPlan:
     slots: torch.Tensor  # [T] int64: cache slot of every new token
-    decodes: list[DecodeGroup] = field(default_factory=list)
+    decodes: list[DecodeGroup] = field(default_factory=list)  # the torch path's
     prefills: list[PrefillSequence] = field(default_factory=list)
+    kernel: DecodeKernel | None = None  # the decodes run in the C kernel, from `kernel_decodes`
+    kernel_decodes: KernelDecodes | None = None
 
 
 def plan_cpu_attention(num_new_tokens: list[int], seq_lens: list[int], block_tables: torch.Tensor,
-                       slot_mapping: torch.Tensor, block_size: int, kv_bytes_per_token: int) -> CpuAttentionPlan:
-    """The step's attention plan. `kv_bytes_per_token`: one layer's key plus value bytes for one token."""
-    plan = CpuAttentionPlan(slots=slot_mapping)
+                       slot_mapping: torch.Tensor, block_size: int, kv_bytes_per_token: int,
+                       kernel: DecodeKernel | None = None) -> CpuAttentionPlan:
+    """The step's attention plan. `kv_bytes_per_token`: one layer's key plus value bytes for one token;
+    `kernel`: the decode kernel, where the engine has one for its dtypes and shapes (None: the torch path)."""
+    plan = CpuAttentionPlan(slots=slot_mapping, kernel=kernel)
     decode_seqs: list[int] = []
     decode_rows: list[int] = []  # where each decode's query sits among the step's tokens
     q_start = 0
@@ -70,7 +76,13 @@ def plan_cpu_attention(num_new_tokens: list[int], seq_lens: list[int], block_tab
         elif q_len > 1:
             plan.prefills.append(_plan_prefill(q_start, q_len, seq_len, block_tables[b], block_size))
         q_start += q_len
-    if decode_seqs:
+    if decode_seqs and kernel is not None:
+        tables = block_tables if len(decode_seqs) == len(seq_lens) else block_tables[decode_seqs]
+        plan.kernel_decodes = KernelDecodes(rows=torch.tensor(decode_rows, dtype=torch.long),
+                                            block_tables=tables.to(torch.int32).contiguous(),
+                                            seq_lens=torch.tensor([seq_lens[b] for b in decode_seqs],
+                                                                  dtype=torch.int32))
+    elif decode_seqs:
         plan.decodes = _plan_decodes(decode_seqs, decode_rows, [seq_lens[b] for b in decode_seqs], block_tables,
                                      block_size, kv_bytes_per_token, all_rows=len(decode_rows) == q_start)
     return plan
@@ -124,6 +136,8 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     out = torch.empty_like(q)
     for prefill in plan.prefills:
         _prefill(q, k, v, k_cache, v_cache, prefill, scale, out)
+    if plan.kernel_decodes is not None:
+        plan.kernel(q, k_cache, v_cache, plan.kernel_decodes, scale, out)
     for group in plan.decodes:
         _decode(q, k_cache, v_cache, group, scale, out)
     return out

@@ -72,6 +72,16 @@ def test_staggered_batch_matches_transformers(kind: str, tiny_models, make_engin
     assert_no_leaks(engine)
 
 
+@pytest.mark.parametrize("cpu_attention", ["kernel", "torch"])
+def test_either_cpu_decode_attention_matches_transformers(cpu_attention: str, tiny_models, make_engine, prompts,
+                                                         expected) -> None:
+    engine = make_engine(tiny_models["qwen2"], cpu_attention=cpu_attention, block_size=4)
+    assert (engine.runner.attention_kernel is not None) == (cpu_attention == "kernel")
+    finals = run_staggered(engine, prompts, greedy())
+    assert [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))] == expected["qwen2"]
+    assert_no_leaks(engine)
+
+
 def test_chunked_prefill_matches_transformers(tiny_models, make_engine, prompts, expected) -> None:
     # A 16-token budget splits every prompt over 70 tokens into 5 chunks mixed with other requests' decodes.
     engine = make_engine(tiny_models["llama"], max_num_batched_tokens=16, block_size=4)

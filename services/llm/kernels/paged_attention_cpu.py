@@ -1,0 +1,145 @@
+"""The C decode attention kernel (`paged_attention_cpu.c`): built at first use, loaded with ctypes, called per layer.
+
+The kernel walks each decode's block table in place, so a step's keys and values are read once instead of
+gathered into a padded buffer and read again (the torch path in `attention_cpu`). It is compiled with the
+system C compiler (`$CC`, else `cc`) and `-O3 -march=native` into a per-user cache directory, under a name
+keyed by the source, the compiler, the flags and the CPU, so a change to any of them rebuilds; the build goes
+to a temporary file renamed into place, so engines starting together never load a half-written library.
+`resolve_cpu_attention` picks the path for an engine (`LLM_CPU_ATTENTION`): `kernel` requires the build,
+`auto` falls back to the torch path with one warning when it fails, `torch` never builds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.llm.kernels.kv_store import FP8_KV_DTYPE
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+CHOICES = ("auto", "kernel", "torch")
+# The kernel's element codes; queries and outputs are fp32 or bf16, the cache may also be fp8 e4m3.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, FP8_KV_DTYPE: 2}
+MODEL_DTYPES = (torch.float32, torch.bfloat16)
+MAX_GROUP, MAX_HEAD_DIM = 16, 256  # as in the C source
+
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # q, out, io dtype
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,  # caches, cache dtype, block size
+             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,  # tables, lens, query rows
+             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class KernelDecodes:
+    """A step's decodes as the kernel reads them, made once per step (`attention_cpu.plan_cpu_attention`)."""
+    rows: torch.Tensor  # [N] int64: each decode's query row among the step's tokens
+    block_tables: torch.Tensor  # [N, W] int32, contiguous
+    seq_lens: torch.Tensor  # [N] int32, each >= 1
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rag-platform" / "kernels"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(compiler: str | None = None, directory: Path | None = None) -> Path:
+    """The kernel's shared library, compiled now unless this source, compiler, flags and CPU built it before."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    directory = directory or cache_dir()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_model()])
+                         .encode()).hexdigest()[:16]
+    library = directory / f"paged_attention_cpu-{key}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
+                                text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.unlink(partial)
+        raise KernelBuildError(f"{compiler}: {exc}") from exc
+    if result.returncode != 0:
+        os.unlink(partial)
+        raise KernelBuildError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
+    os.replace(partial, library)  # atomic: a concurrent start sees the old name absent or the whole library
+    return library
+
+
+class DecodeKernel:
+    def __init__(self, library: Path) -> None:
+        self._function = ctypes.CDLL(str(library)).paged_decode_attention
+        self._function.argtypes = _ARGTYPES
+        self._function.restype = ctypes.c_int
+
+    @staticmethod
+    def supports(model_dtype: torch.dtype, cache_dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                 head_dim: int) -> bool:
+        return (model_dtype in MODEL_DTYPES and cache_dtype in DTYPE_CODES and num_heads % num_kv_heads == 0
+                and num_heads // num_kv_heads <= MAX_GROUP and head_dim <= MAX_HEAD_DIM)
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decodes: KernelDecodes,
+                 scale: float, out: torch.Tensor) -> None:
+        """Writes the decodes' rows of `out` `[T, Hq, D]` from q `[T, Hq, D]` (rows may be strided, heads not)."""
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+        assert out.dtype == q.dtype and k_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
+        status = self._function(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), DTYPE_CODES[q.dtype],
+                                k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.shape[1],
+                                decodes.block_tables.data_ptr(), decodes.block_tables.stride(0),
+                                decodes.seq_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],
+                                num_heads, k_cache.shape[2], head_dim, scale)
+        assert status == 0, "shapes the kernel does not take (DecodeKernel.supports says which)"
+
+
+def load(compiler: str | None = None, directory: Path | None = None) -> DecodeKernel:
+    return DecodeKernel(build(compiler, directory))
+
+
+@functools.cache
+def shared_kernel() -> DecodeKernel | None:
+    """The kernel for this process, or None (with one warning) where it does not build."""
+    try:
+        return load()
+    except (KernelBuildError, OSError) as exc:
+        log.warning("CPU paged-attention kernel not built, decode attention stays on the torch path: %s", exc)
+        return None
+
+
+def resolve_cpu_attention(choice: str) -> DecodeKernel | None:
+    """`LLM_CPU_ATTENTION`: the kernel decodes run on, or None for the torch path."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown CPU attention {choice!r}; choose one of {CHOICES}")
+    if choice == "torch":
+        return None
+    if choice == "kernel":
+        return load()  # raises KernelBuildError: asked for, so no silent fallback
+    return shared_kernel()

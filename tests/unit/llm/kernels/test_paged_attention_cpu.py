@@ -1,0 +1,131 @@
+"""The C decode attention kernel against the token-by-token oracle, through the CPU attention plan, and its fallback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.llm.kernels import paged_attention_cpu
+from services.llm.kernels.attention import paged_attention_reference
+from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
+from services.llm.kernels.kv_store import FP8_KV_DTYPE
+from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes
+from tests.unit.llm.kernels.paged_cache import build_paged_cache
+
+BLOCK = 16
+# One token, a block boundary, one past it, and longer rows, unsorted.
+LENS = [1, 16, 17, 300, 5, 32, 33, 130]
+
+
+@pytest.fixture(scope="module", params=["native", "plain C"])
+def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DecodeKernel:
+    """As built here (AVX512 where the CPU has it), and without AVX512: the plain-C fallback."""
+    if request.param == "plain C":
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setattr(paged_attention_cpu, "FLAGS", (*paged_attention_cpu.FLAGS, "-mno-avx512f"))
+        request.addfinalizer(monkeypatch.undo)
+    return paged_attention_cpu.load(directory=tmp_path_factory.mktemp("kernels"))
+
+
+def decode_inputs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_cache, v_cache, tables = build_paged_cache(LENS, num_kv_heads, head_dim, BLOCK, dtype=dtype, seed=head_dim)
+    # The queries sit in a wider buffer, as the model's do (a view of the fused q/k/v projection's rows).
+    fused = torch.randn(len(LENS), num_heads + 2 * num_kv_heads, head_dim,
+                        generator=torch.Generator().manual_seed(1)).to(dtype)
+    return fused[:, :num_heads], k_cache, v_cache, tables
+
+
+def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """The oracle in float64, on the same (already rounded) inputs."""
+    cu = torch.arange(len(LENS) + 1, dtype=torch.int32)
+    return paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables.clamp(min=0), cu,
+                                     torch.tensor(LENS, dtype=torch.int32), scale)
+
+
+def run_kernel(kernel: DecodeKernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               tables: torch.Tensor, scale: float) -> torch.Tensor:
+    decodes = KernelDecodes(rows=torch.arange(len(LENS)), block_tables=tables,
+                            seq_lens=torch.tensor(LENS, dtype=torch.int32))
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    kernel(q, k_cache, v_cache, decodes, scale, out)
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
+def test_fp32_matches_oracle(kernel: DecodeKernel, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    q, k_cache, v_cache, tables = decode_inputs(num_heads, num_kv_heads, head_dim, torch.float32)
+    got = run_kernel(kernel, q, k_cache, v_cache, tables, head_dim ** -0.5)
+    torch.testing.assert_close(got.double(), reference(q, k_cache, v_cache, tables, head_dim ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
+def test_bf16_is_the_oracle_rounded_once(kernel: DecodeKernel, num_heads: int, num_kv_heads: int,
+                                         head_dim: int) -> None:
+    q, k_cache, v_cache, tables = decode_inputs(num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    got = run_kernel(kernel, q, k_cache, v_cache, tables, head_dim ** -0.5).double()
+    want = reference(q, k_cache, v_cache, tables, head_dim ** -0.5)
+    # fp32 work, then one rounding to bf16: within half a bf16 step (2^-8 relative) plus fp32's own error.
+    assert ((got - want).abs() <= want.abs() * 2.0**-8 + 1e-5).all()
+
+
+def test_fp8_cache_is_widened_exactly(kernel: DecodeKernel) -> None:
+    q, k_cache, v_cache, tables = decode_inputs(9, 3, 64, torch.float32)
+    k_fp8, v_fp8 = (c.clamp(-448, 448).to(FP8_KV_DTYPE) for c in (k_cache, v_cache))
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    every_byte = every_byte[(every_byte & 0x7F) != 0x7F]  # all but e4m3's NaNs: normals, subnormals, ±0
+    k_fp8.view(torch.uint8).view(-1)[:every_byte.numel()] = every_byte
+    got = run_kernel(kernel, q, k_fp8, v_fp8, tables, 0.125)
+    want = reference(q, k_fp8.float(), v_fp8.float(), tables, 0.125)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_runs_decodes_in_the_kernel_beside_prefills(kernel: DecodeKernel) -> None:
+    # A whole prompt, a prefix-cached extension (both torch) and decodes (the kernel) in one step.
+    q_lens, seq_lens = [1, 9, 1, 3, 1], [40, 9, 17, 20, 1]
+    num_heads, num_kv_heads, head_dim = 6, 2, 64
+    k_cache, v_cache, tables = build_paged_cache(seq_lens, num_kv_heads, head_dim, BLOCK, seed=5)
+    slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK
+                          for b, (n, length) in enumerate(zip(q_lens, seq_lens, strict=True))
+                          for p in range(length - n, length)])
+    flat = (-1, num_kv_heads, head_dim)
+    k_new, v_new = k_cache.view(flat)[slots].clone(), v_cache.view(flat)[slots].clone()
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    want = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables.clamp(min=0), cu,
+                                     torch.tensor(seq_lens, dtype=torch.int32), 0.3)
+    k_cache.view(flat)[slots] = 0  # the step's keys and values are stored before the kernel reads them
+    v_cache.view(flat)[slots] = 0
+    plan = plan_cpu_attention(q_lens, seq_lens, tables, slots, BLOCK, 2 * num_kv_heads * head_dim * 4, kernel)
+    assert plan.decodes == [] and plan.kernel_decodes.rows.tolist() == [0, 10, 14]
+    got = cpu_paged_attention(q, k_new, v_new, k_cache, v_cache, plan, 0.3)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_build_is_cached_by_source_and_flags(tmp_path: Path) -> None:
+    first = paged_attention_cpu.build(directory=tmp_path)
+    assert paged_attention_cpu.build(directory=tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left behind
+
+
+def test_missing_compiler_falls_back_to_torch_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    paged_attention_cpu.shared_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert paged_attention_cpu.resolve_cpu_attention("auto") is None
+        assert [r.message for r in caplog.records if "stays on the torch path" in r.message]
+        with pytest.raises(paged_attention_cpu.KernelBuildError):
+            paged_attention_cpu.resolve_cpu_attention("kernel")
+        assert paged_attention_cpu.resolve_cpu_attention("torch") is None
+    finally:
+        paged_attention_cpu.shared_kernel.cache_clear()
