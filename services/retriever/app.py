@@ -121,7 +121,9 @@ def build_app(settings: RetrieverSettings) -> FastAPI:
                                    default_max_tokens=settings.default_max_tokens,
                                    answer_instruction=settings.answer_instruction,
                                    source_tokens=settings.rag_source_tokens,
-                                   min_score_ratio=settings.rag_min_score_ratio, deadline=settings.rag_timeout)
+                                   min_score_ratio=settings.rag_min_score_ratio,
+                                   sole_source_parameters=settings.rag_sole_source_parameters,
+                                   deadline=settings.rag_timeout)
         readiness.details.update({**vector_store.details(),
                                   "chunk_limit_tokens": chunker.max_tokens})
         tasks = [asyncio.create_task(watch_dependencies()), asyncio.create_task(save_indexes(knowledge_base))]

@@ -63,6 +63,7 @@ class IngestResult:
 class SearchResult:
     hits: list[Hit]
     warnings: list[str] = field(default_factory=list)  # what was left out and why (a dependency was down)
+    unanimous: bool = False  # hybrid search: dense and sparse both ranked the first hit first (and a reranker too)
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -237,6 +238,8 @@ class KnowledgeBase:
             ranked = reciprocal_rank_fusion([[i for i, _ in ranking] for ranking in rankings])[:top_k]
         else:
             ranked = rankings[0][:top_k]
+        firsts = {ranking[0][0] for ranking in rankings if ranking}
+        agreed = firsts.pop() if len(rankings) == 2 and all(rankings) and len(firsts) == 1 else None
         rows = await asyncio.to_thread(self.vectors.chunks, collections, [i for i, _ in ranked])
         hits = [Hit(rows[i], score) for i, score in ranked if i in rows]
         if rerank:
@@ -247,7 +250,7 @@ class KnowledgeBase:
                 log.warning("answering without reranking: %s", exc.message)
                 warnings.append(f"{exc.message}; results are not reranked")
                 hits = hits[:keep]
-        return SearchResult(hits, warnings)
+        return SearchResult(hits, warnings, unanimous=bool(hits) and hits[0].chunk.id == agreed)
 
     def _dense(self, collections: list[Collection], query: np.ndarray, k: int,
                metadata_filter: dict | None) -> list[tuple[int, float]]:

@@ -43,11 +43,12 @@ class RagPipeline:
     def __init__(self, knowledge_base: KnowledgeBase, llm: LLMClient, reranker: RerankClient | None, *,
                  system_prompt: str, vdb_top_k: int, reranker_top_k: int, default_max_tokens: int,
                  answer_instruction: str = "", source_tokens: int = 0, min_score_ratio: float = 0.0,
-                 deadline: float = 600.0) -> None:
+                 sole_source_parameters: int = 0, deadline: float = 600.0) -> None:
         self.kb, self.llm, self.reranker = knowledge_base, llm, reranker
         self.system_prompt, self.answer_instruction = system_prompt, answer_instruction
         self.source_tokens = source_tokens  # 0: by the LLM's size
         self.min_score_ratio = min_score_ratio  # for models with a source budget: sources near the best only
+        self.sole_source_parameters = sole_source_parameters  # models up to this size: an agreed best source alone
         self.vdb_top_k, self.reranker_top_k = vdb_top_k, reranker_top_k
         self.default_max_tokens = default_max_tokens
         self.deadline = deadline
@@ -120,17 +121,18 @@ class RagPipeline:
                                      search_type=request.search_type, metadata_filter=request.filter, rerank=rerank,
                                      reranker_top_k=request.reranker_top_k or self.reranker_top_k)
         hits = found.hits if rerank else found.hits[:request.reranker_top_k or self.reranker_top_k]
-        messages, used = await self._fit(question, history, hits, max_tokens)
+        messages, used = await self._fit(question, history, hits, max_tokens, found.unanimous)
         citations = Citations(total_results=len(used), results=[
             Citation(document_id=h.chunk.document_id, document_name=h.chunk.document_name, content=h.chunk.content,
                      score=h.score, metadata=h.chunk.metadata) for h in used]) if request.enable_citations else None
         affinity = "\n".join(f"{h.chunk.collection}/{h.chunk.chunk_id}" for h in used) if used else None
         return PreparedAnswer(messages, citations, body, found.warnings, affinity)
 
-    async def _fit(self, question: str, history: list[dict], hits: list[Hit],
-                   max_tokens: int) -> tuple[list[dict], list[Hit]]:
+    async def _fit(self, question: str, history: list[dict], hits: list[Hit], max_tokens: int,
+                   unanimous: bool = False) -> tuple[list[dict], list[Hit]]:
         """The best sources that fit the context after the system prompt, the conversation and the answer, and
-        that the model reads well (its source budget)."""
+        that the model reads well (its source budget; for a small model, the best alone when `unanimous`: every
+        retriever ranked it first)."""
         context = await self.llm.context_length()
 
         def layout(turns: list[dict], sources: list[str]) -> list[dict]:
@@ -149,8 +151,10 @@ class RagPipeline:
         blocks = [source_block(n, hit.chunk.content, hit.chunk.metadata.get("page"))
                   for n, hit in enumerate(hits, start=1)]
         costs = await self.llm.count_tokens(blocks) if blocks else []
-        budget = self.source_tokens or source_budget(await self.llm.parameters())
-        used = sources_that_fit(costs, room, budget, [hit.score for hit in hits], self.min_score_ratio)
+        parameters = await self.llm.parameters()
+        budget = self.source_tokens or source_budget(parameters)
+        alone = unanimous and parameters is not None and parameters <= self.sole_source_parameters
+        used = sources_that_fit(costs, room, budget, [hit.score for hit in hits], self.min_score_ratio, alone)
         return layout(turns, blocks[:used]), hits[:used]
 
     async def answer(self, prepared: PreparedAnswer) -> dict:

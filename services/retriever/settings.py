@@ -86,3 +86,8 @@ class RetrieverSettings(ServiceSettings):
         description="for an LLM with a source budget (see RETRIEVER_RAG_SOURCE_TOKENS): a source after the best "
                     "goes in only if its score is at least this fraction of the best one's (0: no cut-off; not "
                     "applied where the best score is not positive)")
+    rag_sole_source_parameters: int = Field(
+        500_000_000, ge=0,
+        description="an LLM of at most this many parameters (its /v1/models `parameters`) answers from the best "
+                    "source alone when hybrid search's dense and sparse rankings both put that chunk first (0: "
+                    "never; not applied to an LLM whose card gives no size)")

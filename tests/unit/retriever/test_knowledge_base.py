@@ -269,3 +269,18 @@ async def test_index_files_are_rewritten_only_after_many_changes_and_caught_up_a
         assert "pump.txt" not in [h.chunk.document_name for h in hits]
     finally:
         reopened.close()
+
+
+async def test_hybrid_search_says_when_dense_and_sparse_rank_the_same_chunk_first(
+        knowledge_base: KnowledgeBase) -> None:
+    await _ingest(knowledge_base)
+    agreed = await knowledge_base.search("What does error E42 on the boiler mean?", ["manuals"], top_k=3)
+    assert agreed.hits[0].chunk.document_name == "boiler.txt" and agreed.unanimous
+    for search_type in ("dense", "sparse"):  # one ranking: nothing to agree with
+        alone = await knowledge_base.search("What does error E42 on the boiler mean?", ["manuals"], top_k=3,
+                                            search_type=search_type)
+        assert alone.hits[0].chunk.document_name == "boiler.txt" and not alone.unanimous
+    split = await knowledge_base.search("hold the button on the boiler", ["manuals"], top_k=3)
+    assert split.hits and not split.unanimous  # dense puts the boiler first, BM25 the router ("hold", "button")
+    no_words = await knowledge_base.search("How do I restart my wifi box?", ["manuals"], top_k=3)
+    assert no_words.hits and not no_words.unanimous  # BM25 finds none of these words: dense alone ranks

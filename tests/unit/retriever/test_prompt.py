@@ -69,3 +69,11 @@ def test_the_score_cut_off_spares_unbudgeted_models_and_scores_that_are_not_posi
     assert sources_that_fit(costs, room=10_000, budget=None, scores=[0.9, 0.1], min_score_ratio=0.9) == 2
     assert sources_that_fit(costs, room=10_000, budget=1000, scores=[-1.0, -5.0], min_score_ratio=0.9) == 2
     assert sources_that_fit(costs, room=10_000, budget=1000, scores=[0.9, 0.1], min_score_ratio=0.9) == 1
+
+
+def test_a_best_source_the_retrievers_agree_on_goes_in_alone() -> None:
+    costs, scores = [100, 100, 100], [2 / 61, 2 / 62, 1 / 61 + 1 / 63]  # without it, the ratio lets all three in
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=scores, min_score_ratio=0.95) == 3
+    assert sources_that_fit(costs, room=10_000, budget=1000, scores=scores, min_score_ratio=0.95,
+                            best_alone=True) == 1
+    assert sources_that_fit([1200, 50], room=1000, budget=384, best_alone=True) == 0  # still never past the room
