@@ -109,7 +109,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
     elif quantization == "fp8":
         from services.llm.calibration import calibration_chunks, projection_hessians
 
-        # Rounded to nearest, e4m3 costs the bundled 135M model 4% perplexity; GPTQ rounding, 0.2-0.9%.
+        # Rounded to nearest, e4m3 costs the bundled 135M model 4% perplexity; GPTQ-rounded, 0.4-1.0%.
         hessians = projection_hessians(loaded, calibration_chunks(tokenizer), device, dtype)
         saved = quantize_linears_fp8(net, hessians)
         log.info("fp8 (e4m3) weight-only quantization of the decoder projections, GPTQ-rounded on %s: %.0f MiB less",
