@@ -11,7 +11,9 @@ syncs and no index arithmetic. Per layer, `cpu_paged_attention`:
 - prefix-cache extensions and later prefill chunks gather their sequence's blocks once;
 - decodes run in the C kernel of `paged_attention_cpu` when the engine has it (each row's blocks read in
   place, no copy); otherwise in groups of similar length, each padded only to its own longest and gathered
-  with one `index_select` into a buffer small enough to stay in cache.
+  with one `index_select` into a buffer small enough to stay in cache. With the kernel, extensions of up to
+  `KERNEL_MAX_QUERIES` tokens (speculative verification, short prompts after a cached prefix) run in it too,
+  each query as a decode of the sequence's first `position + 1` tokens: that is their causal mask.
 
 `attention.paged_attention_reference` stays the oracle (the Triton tests use it); this path is checked
 against the same token-by-token oracle in tests/unit/llm/kernels.
@@ -31,6 +33,9 @@ from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes
 DECODE_GROUP_BYTES = 2 * 2**20
 # ... and so that padding to the group's longest wastes at most this share of the gathered slots.
 DECODE_GROUP_MAX_PADDING = 0.25
+# Extensions up to this many tokens attend in the kernel, which reads the sequence's keys once per query;
+# longer ones gather once and run SDPA.
+KERNEL_MAX_QUERIES = 8
 
 
 @dataclass(slots=True)
@@ -68,22 +73,23 @@ def plan_cpu_attention(num_new_tokens: list[int], seq_lens: list[int], block_tab
     plan = CpuAttentionPlan(slots=slot_mapping, kernel=kernel)
     decode_seqs: list[int] = []
     decode_rows: list[int] = []  # where each decode's query sits among the step's tokens
+    decode_lens: list[int] = []  # the tokens it attends to
     q_start = 0
     for b, (q_len, seq_len) in enumerate(zip(num_new_tokens, seq_lens, strict=True)):
-        if q_len == 1:
-            decode_seqs.append(b)
-            decode_rows.append(q_start)
+        if q_len == 1 or (kernel is not None and 1 < q_len <= KERNEL_MAX_QUERIES and q_len < seq_len):
+            decode_seqs += [b] * q_len
+            decode_rows += range(q_start, q_start + q_len)
+            decode_lens += range(seq_len - q_len + 1, seq_len + 1)
         elif q_len > 1:
             plan.prefills.append(_plan_prefill(q_start, q_len, seq_len, block_tables[b], block_size))
         q_start += q_len
     if decode_seqs and kernel is not None:
-        tables = block_tables if len(decode_seqs) == len(seq_lens) else block_tables[decode_seqs]
+        tables = block_tables if decode_seqs == list(range(len(seq_lens))) else block_tables[decode_seqs]
         plan.kernel_decodes = KernelDecodes(rows=torch.tensor(decode_rows, dtype=torch.long),
                                             block_tables=tables.to(torch.int32).contiguous(),
-                                            seq_lens=torch.tensor([seq_lens[b] for b in decode_seqs],
-                                                                  dtype=torch.int32))
+                                            seq_lens=torch.tensor(decode_lens, dtype=torch.int32))
     elif decode_seqs:
-        plan.decodes = _plan_decodes(decode_seqs, decode_rows, [seq_lens[b] for b in decode_seqs], block_tables,
+        plan.decodes = _plan_decodes(decode_seqs, decode_rows, decode_lens, block_tables,
                                      block_size, kv_bytes_per_token, all_rows=len(decode_rows) == q_start)
     return plan
 

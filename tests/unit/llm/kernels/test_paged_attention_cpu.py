@@ -87,9 +87,9 @@ def test_fp8_cache_is_widened_exactly(kernel: DecodeKernel) -> None:
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_plan_runs_decodes_in_the_kernel_beside_prefills(kernel: DecodeKernel) -> None:
-    # A whole prompt, a prefix-cached extension (both torch) and decodes (the kernel) in one step.
-    q_lens, seq_lens = [1, 9, 1, 3, 1], [40, 9, 17, 20, 1]
+def test_plan_runs_decodes_and_short_extensions_in_the_kernel(kernel: DecodeKernel) -> None:
+    # Decodes and a 3-token extension (the kernel), a whole prompt and a 12-token extension (torch), in one step.
+    q_lens, seq_lens = [1, 9, 1, 3, 1, 12], [40, 9, 17, 20, 1, 50]
     num_heads, num_kv_heads, head_dim = 6, 2, 64
     k_cache, v_cache, tables = build_paged_cache(seq_lens, num_kv_heads, head_dim, BLOCK, seed=5)
     slots = torch.tensor([int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK
@@ -104,7 +104,9 @@ def test_plan_runs_decodes_in_the_kernel_beside_prefills(kernel: DecodeKernel) -
     k_cache.view(flat)[slots] = 0  # the step's keys and values are stored before the kernel reads them
     v_cache.view(flat)[slots] = 0
     plan = plan_cpu_attention(q_lens, seq_lens, tables, slots, BLOCK, 2 * num_kv_heads * head_dim * 4, kernel)
-    assert plan.decodes == [] and plan.kernel_decodes.rows.tolist() == [0, 10, 14]
+    assert plan.decodes == [] and plan.kernel_decodes.rows.tolist() == [0, 10, 11, 12, 13, 14]
+    assert plan.kernel_decodes.seq_lens.tolist() == [40, 17, 18, 19, 20, 1]  # each query's causal span
+    assert [(p.q_start, p.q_len) for p in plan.prefills] == [(1, 9), (15, 12)]
     got = cpu_paged_attention(q, k_new, v_new, k_cache, v_cache, plan, 0.3)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
