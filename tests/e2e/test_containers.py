@@ -184,6 +184,11 @@ def test_stack_serves_answers_and_survives_restarts(stack: Stack) -> None:
             probe = f"id -u && touch {mount}/.write-probe && rm {mount}/.write-probe"
             assert stack.compose("exec", "-T", service, "sh", "-c", probe).stdout.split() == [str(APP_UID)]
 
+    # The llm image has the C compiler its CPU kernels are built with: the decode attention kernel and, in bf16,
+    # inductor's compiled kernels (without one both fall back to slower torch code, with a warning).
+    llm_log = stack.compose("logs", "--no-color", "llm").stdout
+    assert "CPU decode attention: C kernel" in llm_log and "not compiled" not in llm_log, llm_log[-4000:]
+
     # Only the retriever is published.
     published = {name: stack.compose("port", name, str(port), check=False).stdout.strip()
                  for name, port in (("llm", 8000), ("embed", 8001), ("rerank", 8002), ("retriever", 8080))}
