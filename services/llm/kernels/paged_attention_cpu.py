@@ -1,10 +1,8 @@
 """The C decode attention kernel (`paged_attention_cpu.c`): built at first use, loaded with ctypes, called per layer.
 
 The kernel walks each decode's block table in place, so a step's keys and values are read once instead of
-gathered into a padded buffer and read again (the torch path in `attention_cpu`). It is compiled with the
-system C compiler (`$CC`, else `cc`) and `-O3 -march=native` into a per-user cache directory, under a name
-keyed by the source, the compiler, the flags and the CPU, so a change to any of them rebuilds; the build goes
-to a temporary file renamed into place, so engines starting together never load a half-written library.
+gathered into a padded buffer and read again (the torch path in `attention_cpu`). `c_build` compiles it
+(`-O3 -march=native`) into the per-user kernel cache.
 `resolve_cpu_attention` picks the path for an engine (`LLM_CPU_ATTENTION`): `kernel` requires the build,
 `auto` falls back to the torch path with one warning when it fails, `torch` never builds.
 """
@@ -13,24 +11,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from services.llm.kernels import c_build
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
-FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
-CHOICES = ("auto", "kernel", "torch")
+FLAGS = c_build.FLAGS
+CHOICES = c_build.CHOICES
 # The kernel's element codes; queries and outputs are fp32 or bf16, the cache may also be fp8 e4m3.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, FP8_KV_DTYPE: 2}
 MODEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -42,56 +36,12 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, c
              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
 
 
-class KernelBuildError(RuntimeError):
-    pass
-
-
 @dataclass(slots=True)
 class KernelDecodes:
     """A step's decodes as the kernel reads them, made once per step (`attention_cpu.plan_cpu_attention`)."""
     rows: torch.Tensor  # [N] int64: each decode's query row among the step's tokens
     block_tables: torch.Tensor  # [N, W] int32, contiguous
     seq_lens: torch.Tensor  # [N] int32, each >= 1
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rag-platform" / "kernels"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build(compiler: str | None = None, directory: Path | None = None) -> Path:
-    """The kernel's shared library, compiled now unless this source, compiler, flags and CPU built it before."""
-    compiler = compiler or os.environ.get("CC") or "cc"
-    directory = directory or cache_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_model()])
-                         .encode()).hexdigest()[:16]
-    library = directory / f"paged_attention_cpu-{key}.so"
-    if library.exists():
-        return library
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
-                                text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        os.unlink(partial)
-        raise KernelBuildError(f"{compiler}: {exc}") from exc
-    if result.returncode != 0:
-        os.unlink(partial)
-        raise KernelBuildError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
-    os.replace(partial, library)  # atomic: a concurrent start sees the old name absent or the whole library
-    return library
 
 
 class DecodeKernel:
@@ -121,7 +71,7 @@ class DecodeKernel:
 
 
 def load(compiler: str | None = None, directory: Path | None = None) -> DecodeKernel:
-    return DecodeKernel(build(compiler, directory))
+    return DecodeKernel(c_build.build(SOURCE, FLAGS, compiler, directory))
 
 
 @functools.cache
@@ -129,17 +79,11 @@ def shared_kernel() -> DecodeKernel | None:
     """The kernel for this process, or None (with one warning) where it does not build."""
     try:
         return load()
-    except (KernelBuildError, OSError) as exc:
+    except (c_build.KernelBuildError, OSError) as exc:
         log.warning("CPU paged-attention kernel not built, decode attention stays on the torch path: %s", exc)
         return None
 
 
 def resolve_cpu_attention(choice: str) -> DecodeKernel | None:
     """`LLM_CPU_ATTENTION`: the kernel decodes run on, or None for the torch path."""
-    if choice not in CHOICES:
-        raise ValueError(f"unknown CPU attention {choice!r}; choose one of {CHOICES}")
-    if choice == "torch":
-        return None
-    if choice == "kernel":
-        return load()  # raises KernelBuildError: asked for, so no silent fallback
-    return shared_kernel()
+    return c_build.resolve(choice, load, shared_kernel)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.llm.kernels import paged_attention_cpu
+from services.llm.kernels import c_build, paged_attention_cpu
 from services.llm.kernels.attention import paged_attention_reference
 from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
@@ -112,8 +112,9 @@ def test_plan_runs_decodes_and_short_extensions_in_the_kernel(kernel: DecodeKern
 
 
 def test_build_is_cached_by_source_and_flags(tmp_path: Path) -> None:
-    first = paged_attention_cpu.build(directory=tmp_path)
-    assert paged_attention_cpu.build(directory=tmp_path) == first
+    source, flags = paged_attention_cpu.SOURCE, paged_attention_cpu.FLAGS
+    first = c_build.build(source, flags, directory=tmp_path)
+    assert c_build.build(source, flags, directory=tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left behind
 
 
@@ -126,7 +127,7 @@ def test_missing_compiler_falls_back_to_torch_with_a_warning(tmp_path: Path, mon
         with caplog.at_level(logging.WARNING):
             assert paged_attention_cpu.resolve_cpu_attention("auto") is None
         assert [r.message for r in caplog.records if "stays on the torch path" in r.message]
-        with pytest.raises(paged_attention_cpu.KernelBuildError):
+        with pytest.raises(c_build.KernelBuildError):
             paged_attention_cpu.resolve_cpu_attention("kernel")
         assert paged_attention_cpu.resolve_cpu_attention("torch") is None
     finally:

@@ -1,0 +1,79 @@
+"""Builds the CPU C kernels (`paged_attention_cpu.c`, `elementwise_cpu.c`) at first use, for ctypes to load.
+
+Each is compiled with the system C compiler (`$CC`, else `cc`) into a per-user cache directory, under a name
+keyed by the source, the compiler, the flags and the CPU, so a change to any of them rebuilds; the build goes to
+a temporary file renamed into place, so engines starting together never load a half-written library.
+`CHOICES` are the values of the settings that pick a kernel or its torch path (`resolve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+CHOICES = ("auto", "kernel", "torch")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+
+Kernel = TypeVar("Kernel")
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rag-platform" / "kernels"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(source: Path, flags: tuple[str, ...], compiler: str | None = None, directory: Path | None = None) -> Path:
+    """The source's shared library, compiled now unless this source, compiler, flags and CPU built it before."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    directory = directory or cache_dir()
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, platform.machine(), _cpu_model()])
+                         .encode()).hexdigest()[:16]
+    library = directory / f"{source.stem}-{key}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, str(source), "-o", partial, "-lm"], capture_output=True,
+                                text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.unlink(partial)
+        raise KernelBuildError(f"{compiler}: {exc}") from exc
+    if result.returncode != 0:
+        os.unlink(partial)
+        raise KernelBuildError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
+    os.replace(partial, library)  # atomic: a concurrent start sees the old name absent or the whole library
+    return library
+
+
+def resolve(choice: str, load: Callable[[], Kernel], shared: Callable[[], Kernel | None]) -> Kernel | None:
+    """A setting's kernel: `kernel` requires the build (raises `KernelBuildError`), `auto` is `shared()` (the
+    process's kernel, or None with one warning where it does not build), `torch` is None."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown CPU kernel choice {choice!r}; choose one of {CHOICES}")
+    if choice == "torch":
+        return None
+    if choice == "kernel":
+        return load()
+    return shared()
