@@ -70,6 +70,11 @@ class LLMSettings(ServiceSettings):
                                 "KV cache in place, built with the system C compiler at first start; fails "
                                 "without one), torch (gathers each step's blocks, then SDPA), or auto (the kernel "
                                 "where it builds, else torch with a warning)")
+    cpu_elementwise: str = Field("auto", description="CPU steps under 128 tokens (decodes): RMSNorm with its "
+                                  "residual add, rotary and SiLU-and-mul as one C call each, bit for bit the eager "
+                                  "torch ops; kernel (built with the system C compiler at first start; fails "
+                                  "without one), torch (the eager ops), or auto (the kernel where it builds, else "
+                                  "torch with a warning)")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

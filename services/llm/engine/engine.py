@@ -26,7 +26,7 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
-from services.llm.kernels import cpu_compiled, paged_attention_cpu
+from services.llm.kernels import c_build, cpu_compiled, elementwise_cpu, paged_attention_cpu
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
@@ -69,6 +69,7 @@ class EngineConfig:
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_*/Q6_K projections: native (blocks), dequantize, or auto
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
     cpu_attention: str = "auto"  # CPU decode attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
+    cpu_elementwise: str = "auto"  # CPU steps under cpu_compiled.MIN_ROWS: norms, rotary, SiLU in C (elementwise_cpu)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -86,6 +87,8 @@ class EngineConfig:
         resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # an unknown name fails here
         if self.cpu_attention not in paged_attention_cpu.CHOICES:
             raise ValueError(f"cpu_attention must be one of {paged_attention_cpu.CHOICES}, got {self.cpu_attention!r}")
+        if self.cpu_elementwise not in c_build.CHOICES:
+            raise ValueError(f"cpu_elementwise must be one of {c_build.CHOICES}, got {self.cpu_elementwise!r}")
 
 
 class LLMEngine:
@@ -113,6 +116,7 @@ class LLMEngine:
         if config.cpu_compile and self.device.type == "cpu" and self.dtype == torch.bfloat16 \
                 and not use_triton_on(self.device):
             self._compile_cpu_kernels(loaded)
+        self._use_cpu_elementwise_kernel(loaded)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -425,6 +429,23 @@ class LLMEngine:
         for module in modules:
             module.compiled_cpu = True
         log.info("RMSNorm, rotary and SiLU-and-mul compiled for prefill-sized CPU steps (%.1fs)", seconds)
+
+    def _use_cpu_elementwise_kernel(self, loaded: LoadedModel) -> None:
+        """Steps the compiled kernels do not take run the C elementwise kernel where the engine runs on CPU."""
+        if self.device.type != "cpu" or use_triton_on(self.device):
+            return
+        kernel = elementwise_cpu.resolve_cpu_elementwise(self.config.cpu_elementwise)
+        if kernel is None:
+            return
+        if not kernel.supports(self.dtype, loaded.config.hidden_size, loaded.config.head_dim):
+            log.warning("the CPU elementwise kernel does not take %s with hidden size %d, head size %d; those ops "
+                        "stay eager", self.dtype, loaded.config.hidden_size, loaded.config.head_dim)
+            return
+        for module in loaded.model.modules():
+            if isinstance(module, RMSNorm | RotaryEmbedding | SiluAndMul):
+                module.cpu_kernel = kernel
+        log.info("CPU steps under %d tokens: RMSNorm, rotary and SiLU-and-mul in C (kernels/elementwise_cpu)",
+                 cpu_compiled.MIN_ROWS)
 
     def _cpu_attention_kernel(self, model: ModelConfig) -> paged_attention_cpu.DecodeKernel | None:
         """The C decode attention kernel where the engine runs on CPU and the kernel takes its dtypes and shapes."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from services.llm.kernels import cpu_compiled, rotary
+from services.llm.kernels.elementwise_cpu import ElementwiseKernel
 
 
 class RotaryEmbedding(nn.Module):
@@ -19,10 +20,13 @@ class RotaryEmbedding(nn.Module):
                                            device=torch.get_default_device())
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.compiled_cpu = False  # prefill-sized CPU steps take `cpu_compiled` (set by the engine)
+        self.cpu_kernel: ElementwiseKernel | None = None  # the other CPU steps' C kernel (set by the engine)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """Rotates q `[T, Hq, D]` and k `[T, Hkv, D]` in place."""
         if self.compiled_cpu and cpu_compiled.applies(q):
             cpu_compiled.apply_rotary(q, k, positions, self.cos_sin_cache)
+        elif self.cpu_kernel is not None:
+            self.cpu_kernel.apply_rotary(q, k, positions, self.cos_sin_cache)
         else:
             rotary.apply_rotary(q, k, positions, self.cos_sin_cache)

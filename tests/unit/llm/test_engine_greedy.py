@@ -72,6 +72,18 @@ def test_staggered_batch_matches_transformers(kind: str, tiny_models, make_engin
     assert_no_leaks(engine)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_elementwise_kernel_keeps_the_tokens(dtype: str, tiny_models, make_engine, prompts) -> None:
+    """The C norms, rotary and activation are the eager ops bit for bit: the same greedy tokens, in either dtype."""
+    tokens = {}
+    for choice in ("kernel", "torch"):
+        engine = make_engine(tiny_models["llama3"], dtype=dtype, cpu_elementwise=choice, cpu_compile=False)
+        assert (engine.runner.model.model.norm.cpu_kernel is not None) == (choice == "kernel")
+        finals = run_staggered(engine, prompts, greedy())
+        tokens[choice] = [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
+    assert tokens["kernel"] == tokens["torch"]
+
+
 @pytest.mark.parametrize("cpu_attention", ["kernel", "torch"])
 def test_either_cpu_decode_attention_matches_transformers(cpu_attention: str, tiny_models, make_engine, prompts,
                                                          expected) -> None:
