@@ -441,9 +441,17 @@ class LLMEngine:
             log.warning("the CPU elementwise kernel does not take %s with hidden size %d, head size %d; those ops "
                         "stay eager", self.dtype, loaded.config.hidden_size, loaded.config.head_dim)
             return
-        for module in loaded.model.modules():
-            if isinstance(module, RMSNorm | RotaryEmbedding | SiluAndMul):
-                module.cpu_kernel = kernel
+        modules = [m for m in loaded.model.modules() if isinstance(m, RMSNorm | RotaryEmbedding | SiluAndMul)]
+        config = loaded.config
+        table = next(m.cos_sin_cache for m in modules if isinstance(m, RotaryEmbedding))
+        differs = kernel.differs_from_references(self.dtype, config.hidden_size, config.intermediate_size,
+                                                 config.num_heads, config.num_kv_heads, config.head_dim, table)
+        if differs is not None:
+            log.warning("the CPU elementwise kernel's %s is not bit for bit torch's on this CPU and torch build; "
+                        "those ops stay eager", differs)
+            return
+        for module in modules:
+            module.cpu_kernel = kernel
         log.info("CPU steps under %d tokens: RMSNorm, rotary and SiLU-and-mul in C (kernels/elementwise_cpu)",
                  cpu_compiled.MIN_ROWS)
 

@@ -101,6 +101,40 @@ class ElementwiseKernel:
         return out
 
 
+    def differs_from_references(self, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
+                                num_heads: int, num_kv_heads: int, head_dim: int,
+                                cos_sin_cache: torch.Tensor) -> str | None:
+        """Which op, if any, is not bit for bit its eager reference on random inputs of a model's shapes: the
+        summing order and loop splits the kernel copies were measured on one torch build and CPU, so an engine
+        checks them once at start on its own before trusting the kernel with its tokens."""
+        from services.llm.kernels import activation, norm, rotary
+
+        generator = torch.Generator().manual_seed(0)
+
+        def probe(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).mul_(3).to(dtype)
+
+        rows = 5
+        x, residual, weight = probe(rows, hidden_size), probe(rows, hidden_size), probe(hidden_size)
+        if not torch.equal(self.rms_norm(x, weight, 1e-5), norm.rms_norm_reference(x, weight, 1e-5)):
+            return "rms_norm"
+        if not all(torch.equal(a, b) for a, b in zip(self.fused_add_rms_norm(x, residual, weight, 1e-5),
+                                                      norm.fused_add_rms_norm_reference(x, residual, weight, 1e-5),
+                                                      strict=True)):
+            return "fused_add_rms_norm"
+        gate_up = probe(rows, 2 * intermediate_size)
+        if not torch.equal(self.silu_and_mul(gate_up), activation.silu_and_mul_reference(gate_up)):
+            return "silu_and_mul"
+        q, k = probe(rows, num_heads, head_dim), probe(rows, num_kv_heads, head_dim)
+        positions = torch.randint(0, cos_sin_cache.shape[0], (rows,), generator=generator)
+        q_ref, k_ref = q.clone(), k.clone()
+        rotary.apply_rotary_reference(q_ref, k_ref, positions, cos_sin_cache)
+        self.apply_rotary(q, k, positions, cos_sin_cache)
+        if not (torch.equal(q, q_ref) and torch.equal(k, k_ref)):
+            return "rotary"
+        return None
+
+
 def load(compiler: str | None = None, directory: Path | None = None) -> ElementwiseKernel:
     """Raises `c_build.KernelBuildError` where it does not build, or where torch's CPU code is neither AVX2
     nor AVX512 (its vector width sets the order the kernel must sum in)."""

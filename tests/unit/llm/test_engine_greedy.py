@@ -84,6 +84,19 @@ def test_cpu_elementwise_kernel_keeps_the_tokens(dtype: str, tiny_models, make_e
     assert tokens["kernel"] == tokens["torch"]
 
 
+
+def test_an_elementwise_kernel_that_is_not_torchs_bit_for_bit_stays_off(tiny_models, make_engine, monkeypatch,
+                                                                        caplog) -> None:
+    """The engine checks the C ops against the eager ones at start: where one differs (another torch build's
+    summing order, say), the layers keep the eager ops and the log says which op differed."""
+    from services.llm.kernels import activation
+
+    eager = activation.silu_and_mul_reference
+    monkeypatch.setattr(activation, "silu_and_mul_reference", lambda x: eager(x) * 1.5)
+    engine = make_engine(tiny_models["llama3"], dtype="float32", cpu_elementwise="kernel", cpu_compile=False)
+    assert engine.runner.model.model.norm.cpu_kernel is None
+    assert "silu_and_mul is not bit for bit" in caplog.text
+
 @pytest.mark.parametrize("cpu_attention", ["kernel", "torch"])
 def test_either_cpu_decode_attention_matches_transformers(cpu_attention: str, tiny_models, make_engine, prompts,
                                                          expected) -> None:
