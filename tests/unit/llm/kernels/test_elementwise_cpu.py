@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import pytest
 import torch
 
-from services.llm.kernels import c_build, elementwise_cpu
+from services.llm.kernels import elementwise_cpu
 from services.llm.kernels.activation import silu_and_mul_reference
 from services.llm.kernels.elementwise_cpu import ElementwiseKernel
 from services.llm.kernels.norm import fused_add_rms_norm_reference, rms_norm_reference
@@ -65,20 +62,3 @@ def test_silu_and_mul_is_the_reference_bit_for_bit(kernel: ElementwiseKernel, dt
                                                    width: int) -> None:
     gate_up = random(rows, 2 * width, dtype, seed=width + rows, scale=6.0)  # past SLEEF exp's range ends too
     assert torch.equal(kernel.silu_and_mul(gate_up), silu_and_mul_reference(gate_up))
-
-
-def test_missing_compiler_falls_back_to_the_references_with_a_warning(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    elementwise_cpu.shared_kernel.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING):
-            assert elementwise_cpu.resolve_cpu_elementwise("auto") is None
-        assert [r.message for r in caplog.records if "stay on the eager references" in r.message]
-        with pytest.raises(c_build.KernelBuildError):
-            elementwise_cpu.resolve_cpu_elementwise("kernel")
-        assert elementwise_cpu.resolve_cpu_elementwise("torch") is None
-    finally:
-        elementwise_cpu.shared_kernel.cache_clear()

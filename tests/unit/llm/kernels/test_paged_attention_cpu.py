@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import pytest
 import torch
 
-from services.llm.kernels import c_build, paged_attention_cpu
+from services.llm.kernels import paged_attention_cpu
 from services.llm.kernels.attention import paged_attention_reference
 from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
@@ -109,26 +106,3 @@ def test_plan_runs_decodes_and_short_extensions_in_the_kernel(kernel: DecodeKern
     assert [(p.q_start, p.q_len) for p in plan.prefills] == [(1, 9), (15, 12)]
     got = cpu_paged_attention(q, k_new, v_new, k_cache, v_cache, plan, 0.3)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-
-
-def test_build_is_cached_by_source_and_flags(tmp_path: Path) -> None:
-    source, flags = paged_attention_cpu.SOURCE, paged_attention_cpu.FLAGS
-    first = c_build.build(source, flags, directory=tmp_path)
-    assert c_build.build(source, flags, directory=tmp_path) == first
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left behind
-
-
-def test_missing_compiler_falls_back_to_torch_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    paged_attention_cpu.shared_kernel.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING):
-            assert paged_attention_cpu.resolve_cpu_attention("auto") is None
-        assert [r.message for r in caplog.records if "stays on the torch path" in r.message]
-        with pytest.raises(c_build.KernelBuildError):
-            paged_attention_cpu.resolve_cpu_attention("kernel")
-        assert paged_attention_cpu.resolve_cpu_attention("torch") is None
-    finally:
-        paged_attention_cpu.shared_kernel.cache_clear()
