@@ -23,7 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def engine() -> Any:
     from services.llm.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(model=str(bundled_llm()), device="cpu", kv_cache_gib=0.1, max_model_len=512))
+    # fp32: a choice's tokens must not depend on what shares its batch (a sibling that stops early); in bf16 the
+    # GEMMs of a 1-row and a 2-row step round differently on CPUs without AMX, and sampled text diverges.
+    return LLMEngine(EngineConfig(model=str(bundled_llm()), device="cpu", dtype="float32", kv_cache_gib=0.1,
+                                  max_model_len=512))
 
 
 @pytest.fixture(scope="module")
