@@ -9,6 +9,7 @@ a temporary file renamed into place, so engines starting together never load a h
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -21,6 +22,8 @@ CHOICES = ("auto", "kernel", "torch")
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 
 Kernel = TypeVar("Kernel")
+
+log = logging.getLogger(__name__)
 
 
 class KernelBuildError(RuntimeError):
@@ -77,3 +80,12 @@ def resolve(choice: str, load: Callable[[], Kernel], shared: Callable[[], Kernel
     if choice == "kernel":
         return load()
     return shared()
+
+
+def load_or_warn(load: Callable[[], Kernel], fallback: str) -> Kernel | None:
+    """`load()`, or None with one warning (`fallback`: what runs instead) where the kernel does not build."""
+    try:
+        return load()
+    except (KernelBuildError, OSError) as exc:
+        log.warning("%s: %s", fallback, exc)
+        return None

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from services.llm.kernels import c_build
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("elementwise_cpu.c")
 # Without contraction: torch rounds each product before the add that follows it. Without trapping math the
@@ -147,11 +144,8 @@ def load(compiler: str | None = None, directory: Path | None = None) -> Elementw
 @functools.cache
 def shared_kernel() -> ElementwiseKernel | None:
     """The kernel for this process, or None (with one warning) where it does not build."""
-    try:
-        return load()
-    except (c_build.KernelBuildError, OSError) as exc:
-        log.warning("CPU elementwise kernel not built, decode-sized steps stay on the eager references: %s", exc)
-        return None
+    return c_build.load_or_warn(load, "CPU elementwise kernel not built, decode-sized steps stay on the eager "
+                                      "references")
 
 
 def resolve_cpu_elementwise(choice: str) -> ElementwiseKernel | None:

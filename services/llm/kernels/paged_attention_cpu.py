@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import torch
 
 from services.llm.kernels import c_build
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
 FLAGS = c_build.FLAGS
@@ -77,11 +74,8 @@ def load(compiler: str | None = None, directory: Path | None = None) -> DecodeKe
 @functools.cache
 def shared_kernel() -> DecodeKernel | None:
     """The kernel for this process, or None (with one warning) where it does not build."""
-    try:
-        return load()
-    except (c_build.KernelBuildError, OSError) as exc:
-        log.warning("CPU paged-attention kernel not built, decode attention stays on the torch path: %s", exc)
-        return None
+    return c_build.load_or_warn(load, "CPU paged-attention kernel not built, decode attention stays on the "
+                                      "torch path")
 
 
 def resolve_cpu_attention(choice: str) -> DecodeKernel | None:
