@@ -4,7 +4,9 @@
    the row's blocks is loaded once and dotted with all of them, the softmax is streamed block by block (running
    max and sum, fp32) and p·v is accumulated in fp32; the row's output is written once, in the model's dtype.
    The cache is fp32, bf16 or fp8 e4m3 (widened on read; its scale is applied by the caller). The torch
-   reference is `attention.paged_attention_reference`; `paged_attention_cpu.py` builds, loads and calls this. */
+   reference is `attention.paged_attention_reference`; `paged_attention_cpu.py` builds, loads and calls this.
+   The (row, KV head) pairs are independent jobs shared out among torch's OpenMP threads, so any thread count
+   gives the same bits. */
 
 #include <math.h>
 #include <stdint.h>
@@ -93,45 +95,82 @@ static inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
-/* The softmax scale is applied to each dot product, so queries are used as they come (bf16 pairs for
-   _mm512_dpbf16_ps where query and cache are both bf16: exact products, fp32 sums). */
-static void key_scores(const void *q_row, int io_dtype, const float *q_f32, int group, int head_dim,
-                       const void *k_cache, int cache_dtype, int64_t key, float scale, float *scores,
-                       int score_stride) {
-#if defined(__AVX512BF16__)
-    if (io_dtype == DTYPE_BF16 && cache_dtype == DTYPE_BF16 && head_dim % 32 == 0) {
-        const uint16_t *k = (const uint16_t *)k_cache + key;
-        const uint16_t *q = (const uint16_t *)q_row;
-        for (int g = 0; g < group; g++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int d = 0; d < head_dim; d += 32)
-                dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(q + g * head_dim + d),
-                                       (__m512bh)_mm512_loadu_si512(k + d));
-            scores[g * score_stride] = _mm512_reduce_add_ps(dot) * scale;
-        }
-        return;
+#if defined(__AVX512F__)
+/* Lane j of the result is the sum of the 16 lanes of v[j]: a transpose-and-add tree, 45 instructions for the 16
+   sums instead of one horizontal reduction (about 8 dependent instructions) per key. */
+static inline __m512 sum_lanes16(const __m512 *v) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of v[2i], v[2i+1] */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                                 _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: that lane's sums of v[4i..4i+3] */
+        __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
+    for (int i = 0; i < 2; i++)  /* lanes: quads[2i] over 128-bit lanes 0+1 and 2+3, then quads[2i+1]'s */
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 #endif
+
+/* scores[g * score_stride + t] = scale * q_g · k_t for the block's first `len` keys (one KV head's, `key` the first
+   key's element, `token_stride` apart), g over the `group` query heads that share it. The softmax scale is
+   applied to each dot product, so queries are used as they come (bf16 pairs for _mm512_dpbf16_ps where query
+   and cache are both bf16: exact products, fp32 sums). */
+static void key_scores(const void *q_heads, int io_dtype, const float *q_f32, int group, int head_dim,
+                       const void *k_cache, int cache_dtype, int64_t key, int64_t token_stride, int len, float scale,
+                       float *scores, int score_stride) {
 #if defined(__AVX512F__)
     if (head_dim % 16 == 0) {
-        float k[MAX_HEAD_DIM];
-        for (int d = 0; d < head_dim; d += 16) _mm512_storeu_ps(k + d, load16(k_cache, key + d, cache_dtype));
-        for (int g = 0; g < group; g++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int d = 0; d < head_dim; d += 16)
-                dot = _mm512_fmadd_ps(_mm512_loadu_ps(q_f32 + g * head_dim + d), _mm512_loadu_ps(k + d), dot);
-            scores[g * score_stride] = _mm512_reduce_add_ps(dot) * scale;
+#if defined(__AVX512BF16__)
+        const int bf16_pairs = io_dtype == DTYPE_BF16 && cache_dtype == DTYPE_BF16 && head_dim % 32 == 0;
+#else
+        const int bf16_pairs = 0;
+#endif
+        for (int first = 0; first < len; first += 16) {
+            const int n = len - first < 16 ? len - first : 16;
+            for (int g = 0; g < group; g++) {
+                __m512 dots[16];
+                for (int t = 0; t < 16; t++) {
+                    __m512 dot = _mm512_setzero_ps();
+                    const int64_t k = key + (int64_t)(first + t) * token_stride;
+                    if (t >= n) {
+                        dots[t] = dot;
+                        continue;
+                    }
+#if defined(__AVX512BF16__)
+                    if (bf16_pairs) {
+                        const uint16_t *q = (const uint16_t *)q_heads + g * head_dim;
+                        for (int d = 0; d < head_dim; d += 32)
+                            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(q + d),
+                                                   (__m512bh)_mm512_loadu_si512((const uint16_t *)k_cache + k + d));
+                        dots[t] = dot;
+                        continue;
+                    }
+#endif
+                    for (int d = 0; d < head_dim; d += 16)
+                        dot = _mm512_fmadd_ps(_mm512_loadu_ps(q_f32 + g * head_dim + d),
+                                              load16(k_cache, k + d, cache_dtype), dot);
+                    dots[t] = dot;
+                }
+                const __m512 sums = _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(scores + g * score_stride + first, (__mmask16)((1u << n) - 1), sums);
+            }
         }
         return;
     }
 #endif
-    (void)q_row;
+    (void)q_heads;
     (void)io_dtype;
-    for (int g = 0; g < group; g++) {
-        float dot = 0.0f;
-        for (int d = 0; d < head_dim; d++) dot += q_f32[g * head_dim + d] * load_scalar(k_cache, key + d, cache_dtype);
-        scores[g * score_stride] = dot * scale;
-    }
+    for (int t = 0; t < len; t++)
+        for (int g = 0; g < group; g++) {
+            float dot = 0.0f;
+            for (int d = 0; d < head_dim; d++)
+                dot += q_f32[g * head_dim + d] * load_scalar(k_cache, key + t * token_stride + d, cache_dtype);
+            scores[g * score_stride + t] = dot * scale;
+        }
 }
 
 /* acc[g] += sum over the block's tokens t of weights[g][t] * v_t, each value loaded once for all query heads. */
@@ -237,62 +276,70 @@ static void write_output(const float *acc, const float *sums, int head_dim, int 
 
 static int element_size(int dtype) { return dtype == DTYPE_F32 ? 4 : dtype == DTYPE_BF16 ? 2 : 1; }
 
+/* One decode row's attention for one KV head: the `group` query heads that share it (queries at `q_heads`, output
+   at `out_first`). Its blocks are walked in order, the next block's keys and values prefetched as this one is
+   read. */
+static void attend_kv_head(const void *q_heads, void *out, int64_t out_first, int io_dtype, const void *k_cache,
+                           const void *v_cache, int cache_dtype, int block_size, const int32_t *table, int seq_len,
+                           int64_t head_offset, int64_t token_stride, int group, int head_dim, float scale) {
+    const int64_t block_stride = (int64_t)block_size * token_stride;
+    const int cache_element = element_size(cache_dtype);
+    float queries[group * head_dim], acc[group * head_dim];
+    float running_max[group], running_sum[group];
+    float scores[group * block_size];  /* [head][token of the block] */
+    widen(q_heads, 0, io_dtype, group * head_dim, queries);
+    for (int g = 0; g < group; g++) {
+        running_max[g] = -INFINITY;
+        running_sum[g] = 0.0f;
+    }
+    memset(acc, 0, sizeof(acc));
+    for (int start = 0; start < seq_len; start += block_size) {
+        const int len = seq_len - start < block_size ? seq_len - start : block_size;
+        const int64_t base = (int64_t)table[start / block_size] * block_stride + head_offset;
+        if (start + block_size < seq_len) {
+            const int64_t next = (int64_t)table[start / block_size + 1] * block_stride + head_offset;
+            for (int t = 0; t < block_size; t++) {
+                prefetch(k_cache, next + t * token_stride, head_dim, cache_element);
+                prefetch(v_cache, next + t * token_stride, head_dim, cache_element);
+            }
+        }
+        key_scores(q_heads, io_dtype, queries, group, head_dim, k_cache, cache_dtype, base, token_stride, len, scale,
+                   scores, block_size);
+        for (int g = 0; g < group; g++)
+            softmax_block(scores + g * block_size, len, running_max + g, running_sum + g, acc + g * head_dim,
+                          head_dim);
+        accumulate_values(scores, block_size, len, group, head_dim, v_cache, cache_dtype, base, token_stride, acc);
+    }
+    write_output(acc, running_sum, head_dim, group * head_dim, out, out_first, io_dtype);
+}
+
 /* q [.., num_heads, head_dim] at `q_rows[i] * q_row_stride`, out likewise at `q_rows[i] * out_row_stride` (heads
    and elements contiguous within a row); caches [num_blocks, block_size, num_kv_heads, head_dim] contiguous;
-   block_tables [num_seqs, table_stride] int32; seq_lens [num_seqs] int32 (>= 1). A row's blocks are walked in
-   order, each read whole (all KV heads) while the next one is prefetched. Returns 0, or -1 for shapes beyond
+   block_tables [num_seqs, table_stride] int32; seq_lens [num_seqs] int32 (>= 1). The (row, KV head) pairs are
+   shared out among `threads` OpenMP threads (torch's own pool: the library links the libgomp torch loaded), each
+   taking the next pair as it finishes one, since rows differ in length. Returns 0, or -1 for shapes beyond
    MAX_GROUP / MAX_HEAD_DIM (the caller checks first). */
 int paged_decode_attention(const void *q, int64_t q_row_stride, void *out, int64_t out_row_stride, int io_dtype,
                            const void *k_cache, const void *v_cache, int cache_dtype, int block_size,
                            const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                            const int64_t *q_rows, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                           float scale) {
+                           float scale, int threads) {
     const int group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads) return -1;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
-    const int64_t block_stride = (int64_t)block_size * token_stride;
-    const int cache_element = element_size(cache_dtype);
-    float queries[num_heads * head_dim], acc[num_heads * head_dim];
-    float running_max[num_heads], running_sum[num_heads];
-    float scores[num_heads * block_size];  /* [head][token of the block] */
-    for (int i = 0; i < num_seqs; i++) {
-        const int64_t q_row = q_rows[i] * q_row_stride, out_row = q_rows[i] * out_row_stride;
-        const void *q_bytes = (const char *)q + q_row * element_size(io_dtype);
-        const int32_t *table = block_tables + i * table_stride;
-        const int seq_len = seq_lens[i];
-        widen(q, q_row, io_dtype, num_heads * head_dim, queries);
-        for (int h = 0; h < num_heads; h++) {
-            running_max[h] = -INFINITY;
-            running_sum[h] = 0.0f;
-        }
-        memset(acc, 0, sizeof(acc));
-        for (int start = 0; start < seq_len; start += block_size) {
-            const int len = seq_len - start < block_size ? seq_len - start : block_size;
-            const int64_t base = (int64_t)table[start / block_size] * block_stride;
-            /* the next block, token by token as this one is read (all at once would fill the line buffers) */
-            const int64_t next = start + block_size < seq_len ? (int64_t)table[start / block_size + 1] * block_stride
-                                                               : -1;
-            for (int t = 0; t < len; t++) {
-                if (next >= 0) {
-                    prefetch(k_cache, next + t * token_stride, token_stride, cache_element);
-                    prefetch(v_cache, next + t * token_stride, token_stride, cache_element);
-                }
-                for (int h = 0; h < num_kv_heads; h++) {
-                    const int first = h * group;
-                    key_scores((const char *)q_bytes + (int64_t)first * head_dim * element_size(io_dtype), io_dtype,
-                               queries + first * head_dim, group, head_dim, k_cache, cache_dtype,
-                               base + t * token_stride + h * head_dim, scale, scores + first * block_size + t,
-                               block_size);
-                }
-            }
-            for (int h = 0; h < num_heads; h++)
-                softmax_block(scores + h * block_size, len, running_max + h, running_sum + h, acc + h * head_dim,
-                              head_dim);
-            for (int h = 0; h < num_kv_heads; h++)
-                accumulate_values(scores + h * group * block_size, block_size, len, group, head_dim, v_cache,
-                                  cache_dtype, base + h * head_dim, token_stride, acc + h * group * head_dim);
-        }
-        write_output(acc, running_sum, head_dim, num_heads * head_dim, out, out_row, io_dtype);
+    const int items = num_seqs * num_kv_heads;
+    const int io_element = element_size(io_dtype);
+    int next_item = 0;
+#pragma omp parallel num_threads(threads < items ? threads : items)
+    for (;;) {
+        const int item = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+        if (item >= items) break;
+        const int i = item / num_kv_heads, h = item % num_kv_heads;
+        const int64_t first_head = (int64_t)h * group * head_dim;
+        attend_kv_head((const char *)q + (q_rows[i] * q_row_stride + first_head) * io_element, out,
+                       q_rows[i] * out_row_stride + first_head, io_dtype, k_cache, v_cache, cache_dtype, block_size,
+                       block_tables + i * table_stride, seq_lens[i], (int64_t)h * head_dim, token_stride, group,
+                       head_dim, scale);
     }
     return 0;
 }

@@ -2,7 +2,9 @@
 
 The kernel walks each decode's block table in place, so a step's keys and values are read once instead of
 gathered into a padded buffer and read again (the torch path in `attention_cpu`). `c_build` compiles it
-(`-O3 -march=native`) into the per-user kernel cache.
+(`-O3 -march=native -fopenmp`) into the per-user kernel cache. Its OpenMP threads are torch's: the library's
+libgomp is the one torch has already loaded (same soname), so the kernel shares torch's thread pool instead of
+starting a second one, and it uses as many threads as torch does (`torch.get_num_threads()`).
 `resolve_cpu_attention` picks the path for an engine (`LLM_CPU_ATTENTION`): `kernel` requires the build,
 `auto` falls back to the torch path with one warning when it fails, `torch` never builds.
 """
@@ -20,7 +22,7 @@ from services.llm.kernels import c_build
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
-FLAGS = c_build.FLAGS
+FLAGS = (*c_build.FLAGS, "-fopenmp")
 CHOICES = c_build.CHOICES
 # The kernel's element codes; queries and outputs are fp32 or bf16, the cache may also be fp8 e4m3.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, FP8_KV_DTYPE: 2}
@@ -30,7 +32,7 @@ MAX_GROUP, MAX_HEAD_DIM = 16, 256  # as in the C source
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # q, out, io dtype
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,  # caches, cache dtype, block size
              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,  # tables, lens, query rows
-             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]  # .., threads
 
 
 @dataclass(slots=True)
@@ -63,7 +65,8 @@ class DecodeKernel:
                                 k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.shape[1],
                                 decodes.block_tables.data_ptr(), decodes.block_tables.stride(0),
                                 decodes.seq_lens.data_ptr(), decodes.rows.data_ptr(), decodes.rows.shape[0],
-                                num_heads, k_cache.shape[2], head_dim, scale)
+                                num_heads, k_cache.shape[2], head_dim, scale,
+                                torch.get_num_threads())
         assert status == 0, "shapes the kernel does not take (DecodeKernel.supports says which)"
 
 

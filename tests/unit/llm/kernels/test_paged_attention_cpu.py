@@ -73,6 +73,22 @@ def test_bf16_is_the_oracle_rounded_once(kernel: DecodeKernel, num_heads: int, n
     assert ((got - want).abs() <= want.abs() * 2.0**-8 + 1e-5).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_number_of_threads_gives_the_same_bits(kernel: DecodeKernel, dtype: torch.dtype) -> None:
+    """Each (row, KV head) is one thread's whole job, so how they are shared out changes nothing."""
+    q, k_cache, v_cache, tables = decode_inputs(9, 3, 64, dtype)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            outputs.append(run_kernel(kernel, q, k_cache, v_cache, tables, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert not outputs[0].isnan().any()
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
 def test_fp8_cache_is_widened_exactly(kernel: DecodeKernel) -> None:
     q, k_cache, v_cache, tables = decode_inputs(9, 3, 64, torch.float32)
     k_fp8, v_fp8 = (c.clamp(-448, 448).to(FP8_KV_DTYPE) for c in (k_cache, v_cache))
