@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.cpu import CPU_BF16_FLAGS, cpu_flags
 from services.llm.kernels.dispatch import triton_available
 
 # Triton's tensor-core paths need Ampere or newer for bf16; Turing/Volta still run them in fp16.
@@ -30,8 +31,6 @@ _MIN_TRITON_CAPABILITY = (7, 5)
 _BF16_CAPABILITY = (8, 0)
 # fp8 e4m3 (weights and the KV cache) needs Ada or Hopper: Triton has no e4m3 conversions below sm_89.
 FP8_CAPABILITY = (8, 9)
-# /proc/cpuinfo flags of x86 cores with native bf16 matrix math.
-CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,17 +83,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "cpu"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_default_dtype(flags: set[str]) -> torch.dtype:
