@@ -1,8 +1,9 @@
 """A sentence-transformers model split in two: tokenize on the request path, embed pre-tokenized batches.
 
 Tokenizing once per input tells the batcher each input's cost and lets truncation be decided per request;
-the batch path only pads, runs the model's own modules (transformer, pooling, ...) and normalises, so the
-vectors equal `SentenceTransformer.encode(..., normalize_embeddings=True)`.
+the batch path only pads, runs the model's own modules (transformer, pooling, ...) and normalises, so in float32
+the vectors equal `SentenceTransformer.encode(..., normalize_embeddings=True)`; in bf16 (`auto` on a CPU with native
+bf16 matmul) all-MiniLM-L6-v2's stay within cosine 0.9999 of them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
+from common.cpu import native_bf16_matmul
+
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _FALLBACK_MAX_TOKENS = 512
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InputTooLong(ValueError):
@@ -47,6 +51,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def resolve_dtype(requested: str, device: str, cpu_bf16: bool) -> tuple[torch.dtype, str]:
+    """The dtype the model runs in, and why. `auto`: fp16 on CUDA, bf16 on a CPU with native bf16 matmul
+    (`cpu_bf16`: several times faster than fp32 there), else fp32."""
+    if requested != "auto":
+        return DTYPES[requested], "as configured"
+    if device.startswith("cuda"):
+        return torch.float16, "auto: CUDA"
+    if device == "cpu" and cpu_bf16:
+        return torch.bfloat16, "auto: the CPU has native bf16 matmul (AMX or AVX512-BF16)"
+    return torch.float32, f"auto: no native bf16 matmul on {device}"
+
+
 class Encoder:
     """One embedding model. `tokenize` runs on the engine's tokenizer thread, `embed` on the batcher's thread.
 
@@ -57,6 +73,7 @@ class Encoder:
                  passage_prefix: str | None = None) -> None:
         self.model = model.eval()
         self.device = model.device
+        self.dtype = next(model.parameters()).dtype
         self.tokenizer = model.tokenizer
         # A second copy cuts from the left, so START (keep the end) needs no shared mutable flag.
         self._left_tokenizer = copy.deepcopy(self.tokenizer)
@@ -75,19 +92,19 @@ class Encoder:
         self._token_types = "token_type_ids" in self.tokenizer.model_input_names
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", *, query_prefix: str | None = None,
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", *, query_prefix: str | None = None,
              passage_prefix: str | None = None) -> Encoder:
         start = time.perf_counter()
         device = resolve_device(device)
+        torch_dtype, why = resolve_dtype(dtype, device, native_bf16_matmul())
         # A local directory must never trigger a hub lookup.
         if Path(model).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        st = SentenceTransformer(model, device=device)
-        if device.startswith("cuda"):
-            st.half()
+        st = SentenceTransformer(model, device=device).to(torch_dtype)
         encoder = cls(st, query_prefix=query_prefix, passage_prefix=passage_prefix)
-        log.info("loaded %s on %s in %.1fs: %d dimensions, %d tokens max, prefixes %r", model, device,
-                 time.perf_counter() - start, encoder.dimension, encoder.max_tokens, encoder.prefixes)
+        log.info("loaded %s on %s in %s (%s) in %.1fs: %d dimensions, %d tokens max, prefixes %r", model, device,
+                 str(torch_dtype).removeprefix("torch."), why, time.perf_counter() - start, encoder.dimension,
+                 encoder.max_tokens, encoder.prefixes)
         return encoder
 
     def tokenize(self, texts: Sequence[str], truncate: str = "NONE") -> list[Tokenized]:

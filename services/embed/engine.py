@@ -32,7 +32,7 @@ EncoderLoader = Callable[[EmbedSettings, str], Encoder]
 
 
 def load_encoder(settings: EmbedSettings, model: str) -> Encoder:
-    return Encoder.load(model, settings.device, query_prefix=settings.query_prefix,
+    return Encoder.load(model, settings.device, settings.dtype, query_prefix=settings.query_prefix,
                         passage_prefix=settings.passage_prefix)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -17,6 +19,10 @@ class EmbedSettings(ServiceSettings):
     served_model_name: str = Field("", description="model id in /v1/models and responses "
                                                    "(empty: derived from the model)")
     device: str = Field("auto", description="torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:1")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations: auto (float16 on cuda; bfloat16 on a CPU with native bf16 "
+                            "matmul, AMX or AVX512-BF16; else float32), float32, bfloat16, float16; vectors are "
+                            "float32 either way")
     max_batch_size: int = Field(64, gt=0, description="most inputs in one model batch")
     max_batch_tokens: int = Field(16384, gt=0, description="most padded tokens in one model batch")
     max_queue: int = Field(4096, gt=0, description="most inputs waiting for a batch (429 above)")

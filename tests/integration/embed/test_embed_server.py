@@ -15,7 +15,9 @@ from common.model_files import bundled_embedding_model
 from tests.support.processes import ServiceProcess
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ENV = {"HF_HUB_OFFLINE": "1", "EMBED_LOG_LEVEL": "warning"}
+# float32: the vectors are compared with sentence-transformers' fp32 ones, and batched with unbatched at 1e-5
+# (auto is bf16 on a CPU with native bf16 matmul, where padding moves cosines by a few 1e-5).
+ENV = {"HF_HUB_OFFLINE": "1", "EMBED_LOG_LEVEL": "warning", "EMBED_DTYPE": "float32"}
 WORDS = ["protein", "cell", "gene", "virus", "tumour", "immune", "receptor", "pathway", "mutation", "enzyme",
          "dose", "trial", "patients", "mice", "signal", "expression", "binding", "membrane", "neuron", "tissue"]
 

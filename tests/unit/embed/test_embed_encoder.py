@@ -1,4 +1,7 @@
-"""Encoder and engine without HTTP: vectors equal sentence-transformers, truncation, prefixes, Matryoshka."""
+"""Encoder and engine without HTTP: vectors equal sentence-transformers, truncation, prefixes, Matryoshka, dtypes.
+
+Comparisons with sentence-transformers pin float32: `auto` is bf16 on a CPU with native bf16 matmul.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer, models
 from transformers import BertConfig, BertModel
 
+from common.cpu import native_bf16_matmul
 from common.errors import APIError
 from common.health import Readiness
 from common.model_files import bundled_embedding_model
 from common.schemas.embeddings import EmbeddingRequest
-from services.embed.encoder import Encoder, InputTooLong, shorten
+from services.embed.encoder import Encoder, InputTooLong, resolve_dtype, shorten
 from services.embed.engine import EmbeddingEngine, encode_vector, served_model
 from services.embed.settings import EmbedSettings
 
@@ -29,7 +34,7 @@ TEXTS = ["a", "The spike protein binds the ACE2 receptor on epithelial cells.",
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return Encoder.load(str(bundled_embedding_model()), "cpu")
+    return Encoder.load(str(bundled_embedding_model()), "cpu", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,37 @@ def test_vectors_equal_sentence_transformers(encoder: Encoder) -> None:
     want = encoder.model.encode(TEXTS, normalize_embeddings=True)
     assert cosines(embed_texts(encoder, TEXTS), want).min() >= 0.999
     assert np.allclose(np.linalg.norm(embed_texts(encoder, TEXTS), axis=1), 1, atol=1e-5)
+
+
+def test_bfloat16_vectors_stay_close_to_float32_and_unit_length(encoder: Encoder) -> None:
+    bf16 = Encoder.load(str(bundled_embedding_model()), "cpu", "bfloat16")
+    assert bf16.dtype == torch.bfloat16 and encoder.dtype == torch.float32
+    vectors = embed_texts(bf16, TEXTS)
+    assert vectors.dtype == np.float32
+    assert cosines(vectors, embed_texts(encoder, TEXTS)).min() >= 0.99
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_on_a_cpu_with_native_bf16() -> None:
+    assert resolve_dtype("auto", "cuda", cpu_bf16=False)[0] == torch.float16
+    assert resolve_dtype("auto", "cuda:1", cpu_bf16=True)[0] == torch.float16
+    assert resolve_dtype("auto", "cpu", cpu_bf16=True)[0] == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", cpu_bf16=False)[0] == torch.float32
+    assert resolve_dtype("auto", "mps", cpu_bf16=True)[0] == torch.float32
+    assert resolve_dtype("float32", "cpu", cpu_bf16=True)[0] == torch.float32
+    assert resolve_dtype("bfloat16", "cpu", cpu_bf16=False)[0] == torch.bfloat16
+    assert resolve_dtype("float16", "cuda", cpu_bf16=False)[0] == torch.float16
+
+
+def test_auto_dtype_follows_this_cpu() -> None:
+    auto = Encoder.load(str(bundled_embedding_model()), "cpu")
+    assert auto.dtype == resolve_dtype("auto", "cpu", native_bf16_matmul())[0]
+
+
+def test_unknown_dtype_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBED_DTYPE", "half")
+    with pytest.raises(ValidationError, match="'auto', 'float32', 'bfloat16' or 'float16'"):
+        EmbedSettings()
 
 
 def test_padding_does_not_change_vectors(encoder: Encoder) -> None:
@@ -99,7 +135,7 @@ def test_base64_is_little_endian_float32() -> None:
 
 
 def test_plain_hf_encoder_directory_matches_sentence_transformers(tiny_bert: Path) -> None:
-    encoder = Encoder.load(str(tiny_bert), "cpu")
+    encoder = Encoder.load(str(tiny_bert), "cpu", "float32")
     want = SentenceTransformer(str(tiny_bert), device="cpu").encode(TEXTS[:2], normalize_embeddings=True)
     assert encoder.dimension == 32
     assert cosines(embed_texts(encoder, TEXTS[:2]), want).min() >= 0.999
@@ -116,7 +152,7 @@ def test_model_prompts_become_prefixes_and_settings_override_them(tiny_bert: Pat
 
 
 def ready_engine(**settings: object) -> EmbeddingEngine:
-    engine = EmbeddingEngine(EmbedSettings(**settings), Readiness(), CollectorRegistry())
+    engine = EmbeddingEngine(EmbedSettings(**{"dtype": "float32", **settings}), Readiness(), CollectorRegistry())
     engine.load()  # synchronously: the background thread is the app's business
     assert engine.readiness.ready
     return engine
