@@ -6,10 +6,12 @@ SciFact abstracts (title + " " + text) are written one `.txt` file per abstract 
 fresh collection of a retriever backed by a real embed service, both started here on loopback. The whole
 pipeline is timed: reading and fingerprinting the files, uploads, chunking, embedding, SQLite and FAISS writes.
 
-Two in-process peers run `SentenceTransformer.encode(batch_size=32)` with the same torch thread count:
+Three in-process peers run `SentenceTransformer.encode(batch_size=32)` with the same torch thread count:
 - `whole texts`: each abstract once, cut at the model's 256 tokens (what the issue compared against; the
   retriever cannot drop the rest of an abstract, so it embeds more tokens than this peer);
-- `same chunks`: exactly the chunk texts the retriever embeds (the same work).
+- `same chunks`: exactly the chunk texts the retriever embeds (the same work);
+- `whole texts bf16`: the first in bfloat16, the embed service's dtype under `EMBED_DTYPE=auto` on a CPU with
+  native bf16 matmul (the fp32 peers stay the issue's reference).
 The `tokens` column counts what each side embedded, [CLS] and [SEP] included, so the gap in work between the two
 workloads is on the table: on the first 1,500 abstracts, the default 512/128 chunking (capped at 254/63 for the
 bundled MiniLM) embeds 565,443 tokens in 2,895 chunks, whole texts cut at 256 tokens 359,200 (1.57x; the whole
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import statistics
@@ -124,6 +127,8 @@ def main() -> None:
                         help="one .txt per abstract (default) or one .jsonl file holding them all")
     parser.add_argument("--rounds", type=int, default=2, help="our ingestion runs, each between peer runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
+    parser.add_argument("--embed-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="EMBED_DTYPE of the embed service")
     parser.add_argument("--save", action="store_true", help="write bench/results/ingest-<device>-<date>.json "
                                                             "(refused from uncommitted code)")
     args = parser.parse_args()
@@ -135,22 +140,30 @@ def main() -> None:
     os.environ.update(threads)
     import torch
 
+    from common.cpu import native_bf16_matmul
     from common.model_files import bundled_embedding_model
+    from services.embed.encoder import resolve_dtype
     from tests.support.processes import ServiceProcess, free_port
 
     torch.set_num_threads(args.threads)
     model_dir = bundled_embedding_model()
     texts = load_texts(args.corpus, args.limit)
     chunks = chunk_texts(texts, model_dir)
+    # The service resolves EMBED_DTYPE the same way on this machine and torch.
+    embed_dtype = str(resolve_dtype(args.embed_dtype, "cpu", native_bf16_matmul())[0]).removeprefix("torch.")
     model = load_peer_model(str(model_dir), "cpu", texts[:64])  # the same short warm-up as our side gets
-    peers = [InProcessPeer(model, texts, "whole texts"), InProcessPeer(model, chunks, "same chunks")]
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    bf16_model.encode(texts[:64], batch_size=PEER_BATCH, normalize_embeddings=True)
+    peers = [InProcessPeer(model, texts, "whole texts"), InProcessPeer(model, chunks, "same chunks"),
+             InProcessPeer(bf16_model, texts, "whole texts bf16")]
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         corpus = write_corpus(texts, work / "corpus", args.layout)
         warmup = write_corpus(texts[-64:] if len(texts) > 64 else texts, work / "warmup", args.layout)
         quiet = {"EMBED_LOG_LEVEL": "warning", "RETRIEVER_LOG_LEVEL": "warning", "TOKENIZERS_PARALLELISM": "false"}
-        embed = ServiceProcess("embed", env={**threads, **quiet}, log_dir=work).start()
+        embed = ServiceProcess("embed", env={**threads, **quiet, "EMBED_DTYPE": args.embed_dtype},
+                               log_dir=work).start()
         dead = f"http://127.0.0.1:{free_port()}"  # llm and rerank are not part of ingestion
         retriever = ServiceProcess("retriever", log_dir=work, env={
             **threads, **quiet, "RETRIEVER_DATA_DIR": str(work / "data"), "RETRIEVER_EMBED_URL": embed.url,
@@ -179,17 +192,18 @@ def main() -> None:
 
     rows = [[f"ours, run {i + 1}", r["docs_per_s"], r["chunks_per_s"], r["embedded_tokens"], r["tokens_per_s"],
              r["padded_tokens"] / max(1, r["embedded_tokens"]), sum(r["cpu_seconds"].values()),
-             r["ratio_vs_whole_texts"], r["ratio_vs_same_chunks"]] for i, r in enumerate(ours)]
+             r["ratio_vs_whole_texts"], r["ratio_vs_same_chunks"], r["ratio_vs_whole_texts_bf16"]]
+            for i, r in enumerate(ours)]
     for p, peer in enumerate(peers):
         runs = [round_[p] for round_ in peer_runs]
         rows.append([f"sentence-transformers, {peer.name} (mean of {len(runs)})",
                      statistics.mean(r["docs_per_s"] for r in runs), statistics.mean(r["texts_per_s"] for r in runs),
                      peer.tokens, statistics.mean(r["tokens_per_s"] for r in runs), padded_tokens(peer) / peer.tokens,
-                     statistics.mean(r["cpu_seconds"] for r in runs), "-", "-"])
+                     statistics.mean(r["cpu_seconds"] for r in runs), "-", "-", "-"])
     print_table(f"ingestion, {len(texts)} SciFact abstracts ({args.layout}), {len(chunks)} chunks, "
-                f"{args.threads} torch threads",
-                ["run", "docs/s", "texts/s", "tokens", "tokens/s", "padded/real", "cpu s", "vs whole", "vs chunks"],
-                rows)
+                f"{args.threads} torch threads, embed service in {embed_dtype}",
+                ["run", "docs/s", "texts/s", "tokens", "tokens/s", "padded/real", "cpu s", "vs whole", "vs chunks",
+                 "vs whole bf16"], rows)
     if not args.save:
         return
     peer_summary = {peer.name: {"texts": len(peer.texts), "tokens": peer.tokens, "padded_tokens": padded_tokens(peer),
@@ -199,9 +213,11 @@ def main() -> None:
                     for p, peer in enumerate(peers)}
     workload = {"corpus": str(args.corpus), "docs": len(texts), "layout": args.layout, "chunks": len(chunks),
                 "model": str(model_dir), "torch_threads": args.threads, "rounds": args.rounds,
+                "embed_dtype": {"setting": args.embed_dtype, "resolved": embed_dtype},
                 "cli": "scripts/ingest.py defaults (its run() called in this process)",
-                "method": "peer runs (whole texts, then same chunks) before and after each of our runs; ratio = our "
-                          "docs/s over the mean of the peer runs either side; start-up excluded on both sides"}
+                "method": "peer runs (whole texts, same chunks, whole texts bf16) before and after each of our runs; "
+                          "ratio = our docs/s over the mean of the peer runs either side; start-up excluded on both "
+                          "sides"}
     path = save_result("ingest", workload=workload, ours=ours, peer=peer_summary)
     print(f"\nwrote {path}")
 

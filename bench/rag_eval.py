@@ -267,7 +267,8 @@ def start_stack(args: argparse.Namespace, stack: ExitStack) -> None:
     urls = {name: getattr(args, f"{name}_url") for name in ("embed", "rerank", "llm")}
     for name in sorted(needed):
         if not urls[name]:
-            process = stack.enter_context(ServiceProcess(name, env=env, log_dir=logs))
+            service_env = {**env, "EMBED_DTYPE": args.embed_dtype} if name == "embed" else env
+            process = stack.enter_context(ServiceProcess(name, env=service_env, log_dir=logs))
             process.wait_ready(600)
             urls[name] = process.url
             setattr(args, f"{name}_url", process.url)
@@ -297,6 +298,8 @@ def main() -> None:
     parser.add_argument("--embed-url", default="")
     parser.add_argument("--rerank-url", default="")
     parser.add_argument("--llm-url", default="")
+    parser.add_argument("--embed-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="EMBED_DTYPE of the embed service started here (auto: bf16 on a CPU with native bf16)")
     parser.add_argument("--scifact-queries", type=int, default=0, help="0: all 809 judged training claims")
     parser.add_argument("--scifact-corpus-docs", type=int, default=0,
                         help="0: all 5,183 abstracts; N: those the scored claims cite plus random others up to N "
