@@ -1,5 +1,5 @@
 """Served embedding throughput: our embed service, infinity-emb (a TEI-style server) and in-process
-sentence-transformers, on the same texts, model directory, device and torch threads, in one run.
+sentence-transformers, on the same texts, model directory, device, dtype and torch threads, in one run.
 
 Embeds SciFact documents (title + " " + text) over HTTP at several client concurrencies. Each client sends
 requests of `--docs-per-request` documents (32 by default: what an ingestion pipeline sends per batch); both
@@ -12,7 +12,9 @@ run back to back). Tokens per second use one count for everyone: the texts' toke
 Both servers are started here (start-up is outside every timed region) and both get the same untimed warm-up
 load; both stay up, so each one's CPU time while the other is measured is recorded too (`idle_cpu_s`).
 infinity-emb is installed on first use into its own venv under `.bench/` (git-ignored), with the same torch
-version as ours, and runs its torch engine on the same model directory with our batch size.
+version as ours, and runs its torch engine on the same model directory with our batch size. `--dtype` (default
+auto: what our service picks, bf16 on a CPU with native bf16 matmul) is given to every side: our service's
+`EMBED_DTYPE`, infinity-emb's `--dtype`, and the in-process model.
 
     python bench/embed.py --save             # 1000 docs, concurrency 1 4 16 64, both servers, bench/results/
     python bench/embed.py --peer none --limit 256 --concurrency 4    # ours and in-process only, a quick look
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from sentence_transformers import SentenceTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,22 +139,29 @@ class InProcessPeer:
                 "cpu_ms_per_doc": 1000 * cpu / docs}
 
 
-def load_peer_model(model_path: str, device: str, warmup: list[str]) -> SentenceTransformer:
-    """The in-process model, warmed up on a few texts (every served side gets an untimed warm-up too)."""
+def load_peer_model(model_path: str, device: str, warmup: list[str], dtype: str = "auto") -> SentenceTransformer:
+    """The in-process model in `dtype` (resolved as our service resolves `EMBED_DTYPE`), warmed up on a few texts
+    (every served side gets an untimed warm-up too)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_path, device=device)
-    if device.startswith("cuda"):
-        model.half()
+    model = SentenceTransformer(model_path, device=device).to(resolved_dtype(dtype, device))
     model.encode(warmup, batch_size=PEER_BATCH, normalize_embeddings=True)
     return model
 
 
+def resolved_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype our embed service runs in for `EMBED_DTYPE=dtype` on `device`."""
+    from common.cpu import native_bf16_matmul
+    from services.embed.encoder import resolve_dtype
+
+    return resolve_dtype(dtype, device, native_bf16_matmul())[0]
+
+
 @contextmanager
-def serve_ours(model_path: str, device: str, threads: dict[str, str], log_dir: Path) -> Iterator[Served]:
+def serve_ours(model_path: str, device: str, dtype: str, threads: dict[str, str], log_dir: Path) -> Iterator[Served]:
     from tests.support.processes import ServiceProcess
 
-    env = {"EMBED_MODEL": model_path, "EMBED_DEVICE": device, "EMBED_LOG_LEVEL": "warning",
+    env = {"EMBED_MODEL": model_path, "EMBED_DEVICE": device, "EMBED_DTYPE": dtype, "EMBED_LOG_LEVEL": "warning",
            "EMBED_SERVED_MODEL_NAME": SERVED_NAME, "HF_HUB_OFFLINE": "1", **threads}
     process = ServiceProcess("embed", env=env, log_dir=log_dir).start()
     try:
@@ -167,7 +177,7 @@ def serve_ours(model_path: str, device: str, threads: dict[str, str], log_dir: P
 
 
 @contextmanager
-def serve_infinity(model_path: str, device: str, threads: dict[str, str], batch_size: int,
+def serve_infinity(model_path: str, device: str, dtype: str, threads: dict[str, str], batch_size: int,
                    log_dir: Path) -> Iterator[Served]:
     """infinity-emb's `v2` server, torch engine, on the same model directory; routes under /v1 like ours."""
     from bench.llm_servers import ensure_venv, free_port, running, wait_until
@@ -178,7 +188,7 @@ def serve_infinity(model_path: str, device: str, threads: dict[str, str], batch_
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", model_path,
-               "--served-model-name", SERVED_NAME, "--engine", "torch", "--device", device,
+               "--served-model-name", SERVED_NAME, "--engine", "torch", "--device", device, "--dtype", dtype,
                "--batch-size", str(batch_size), "--no-bettertransformer", "--no-model-warmup",
                "--url-prefix", "/v1", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = {"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1", **threads}
@@ -203,6 +213,8 @@ def main() -> None:
     parser.add_argument("--model", default="", help="model directory (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="auto", help="device for every side")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same on every side")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model dtype on every side (auto: our service's choice for the device)")
     parser.add_argument("--save", action="store_true",
                         help="write bench/results/embed-<device>-<date>.json (refused from uncommitted code)")
     args = parser.parse_args()
@@ -223,16 +235,17 @@ def main() -> None:
     device = resolve_device(args.device)
     texts = load_texts(args.corpus, args.limit)
     api_key = os.environ.get("API_KEY")
-    peer = InProcessPeer(load_peer_model(model_path, device, texts[:64]), texts)
+    dtype = str(resolved_dtype(args.dtype, device)).removeprefix("torch.")  # named for infinity-emb too
+    peer = InProcessPeer(load_peer_model(model_path, device, texts[:64], dtype), texts)
 
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp, ExitStack() as stack:
         if args.url:
             servers = [Served("ours", args.url, lambda batch: {"input": batch, "truncate": "END",
                                                                "input_type": "passage"}, None, {"url": args.url})]
         else:
-            servers = [stack.enter_context(serve_ours(model_path, device, threads, Path(tmp)))]
+            servers = [stack.enter_context(serve_ours(model_path, device, dtype, threads, Path(tmp)))]
         if args.peer == "infinity-emb":
-            servers.append(stack.enter_context(serve_infinity(model_path, device, threads,
+            servers.append(stack.enter_context(serve_infinity(model_path, device, dtype, threads,
                                                               EmbedSettings().max_batch_size, Path(tmp))))
         for server in servers:  # the same untimed warm-up load for every server
             asyncio.run(serve_run(server, api_key, texts[:128], 0, args.docs_per_request, 4))
@@ -265,7 +278,7 @@ def main() -> None:
              run.get("ratio_vs_infinity_emb", "-")] for run in served]
     rows.append([f"sentence-transformers in-process (mean of {len(inproc)})", in_process["docs_per_s"],
                  in_process["tokens_per_s"], "-", "-", in_process["cpu_ms_per_doc"], 1.0, "-"])
-    print_table(f"embeddings, {len(texts)} SciFact docs, {args.docs_per_request} docs/request, {device}, "
+    print_table(f"embeddings, {len(texts)} SciFact docs, {args.docs_per_request} docs/request, {device}, {dtype}, "
                 f"{args.threads} torch threads",
                 ["run", "docs/s", "tokens/s", "p50 ms", "p99 ms", "cpu ms/doc", "vs in-process", "vs infinity"],
                 rows)
@@ -273,7 +286,7 @@ def main() -> None:
         return
     workload = {"corpus": str(args.corpus), "docs": len(texts), "docs_per_request": args.docs_per_request,
                 "truncate": "END (infinity-emb: its default truncation at the model's limit)", "model": model_path,
-                "torch_device": device, "torch_threads": args.threads, "concurrency": args.concurrency,
+                "torch_device": device, "dtype": dtype, "torch_threads": args.threads, "concurrency": args.concurrency,
                 "servers": {s.name: s.config for s in servers},
                 "method": "both servers up; per concurrency ours then infinity-emb, then an in-process run; a served "
                           "run's ratio is over the mean of the in-process runs either side; tokens/s from one token "

@@ -42,7 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from bench.embed import PEER_BATCH, InProcessPeer, load_peer_model, load_texts, process_cpu_seconds  # noqa: E402
+from bench.embed import (  # noqa: E402
+    PEER_BATCH,
+    InProcessPeer,
+    load_peer_model,
+    load_texts,
+    process_cpu_seconds,
+    resolved_dtype,
+)
 from bench.report import print_table, require_clean_tree, save_result  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "eval" / "scifact" / "corpus.jsonl"
@@ -140,9 +147,7 @@ def main() -> None:
     os.environ.update(threads)
     import torch
 
-    from common.cpu import native_bf16_matmul
     from common.model_files import bundled_embedding_model
-    from services.embed.encoder import resolve_dtype
     from tests.support.processes import ServiceProcess, free_port
 
     torch.set_num_threads(args.threads)
@@ -150,8 +155,8 @@ def main() -> None:
     texts = load_texts(args.corpus, args.limit)
     chunks = chunk_texts(texts, model_dir)
     # The service resolves EMBED_DTYPE the same way on this machine and torch.
-    embed_dtype = str(resolve_dtype(args.embed_dtype, "cpu", native_bf16_matmul())[0]).removeprefix("torch.")
-    model = load_peer_model(str(model_dir), "cpu", texts[:64])  # the same short warm-up as our side gets
+    embed_dtype = str(resolved_dtype(args.embed_dtype, "cpu")).removeprefix("torch.")
+    model = load_peer_model(str(model_dir), "cpu", texts[:64], "float32")  # the warm-up our side gets too
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     bf16_model.encode(texts[:64], batch_size=PEER_BATCH, normalize_embeddings=True)
     peers = [InProcessPeer(model, texts, "whole texts"), InProcessPeer(model, chunks, "same chunks"),
