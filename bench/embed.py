@@ -54,6 +54,7 @@ DEFAULT_CORPUS = ROOT.parent / "shared" / "eval" / "scifact" / "corpus.jsonl"
 PEER_BATCH = 32  # sentence-transformers' default
 INFINITY_VERSION = "0.0.78"
 SERVED_NAME = "all-MiniLM-L6-v2"
+EMBED_DTYPES = ("auto", "float32", "bfloat16", "float16")  # EMBED_DTYPE's values (settings.py)
 
 
 def load_texts(corpus: Path, limit: int) -> list[str]:
@@ -213,7 +214,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="model directory (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="auto", help="device for every side")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same on every side")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=EMBED_DTYPES,
                         help="model dtype on every side (auto: our service's choice for the device)")
     parser.add_argument("--save", action="store_true",
                         help="write bench/results/embed-<device>-<date>.json (refused from uncommitted code)")

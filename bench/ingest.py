@@ -6,12 +6,13 @@ SciFact abstracts (title + " " + text) are written one `.txt` file per abstract 
 fresh collection of a retriever backed by a real embed service, both started here on loopback. The whole
 pipeline is timed: reading and fingerprinting the files, uploads, chunking, embedding, SQLite and FAISS writes.
 
-Three in-process peers run `SentenceTransformer.encode(batch_size=32)` with the same torch thread count:
+In-process peers run `SentenceTransformer.encode(batch_size=32)` with the same torch thread count:
 - `whole texts`: each abstract once, cut at the model's 256 tokens (what the issue compared against; the
   retriever cannot drop the rest of an abstract, so it embeds more tokens than this peer);
-- `same chunks`: exactly the chunk texts the retriever embeds (the same work);
-- `whole texts bf16`: the first in bfloat16, the embed service's dtype under `EMBED_DTYPE=auto` on a CPU with
-  native bf16 matmul (the fp32 peers stay the issue's reference).
+- `same chunks`: exactly the chunk texts the retriever embeds (the same work).
+Both run in float32 (the issue's reference); where the embed service runs another dtype (`EMBED_DTYPE=auto` is
+bf16 on a CPU with native bf16 matmul), both run again in that dtype (`whole texts bfloat16`, `same chunks
+bfloat16`): `same chunks` in the service's dtype is the like-for-like comparison.
 The `tokens` column counts what each side embedded, [CLS] and [SEP] included, so the gap in work between the two
 workloads is on the table: on the first 1,500 abstracts, the default 512/128 chunking (capped at 254/63 for the
 bundled MiniLM) embeds 565,443 tokens in 2,895 chunks, whole texts cut at 256 tokens 359,200 (1.57x; the whole
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import statistics
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from bench.embed import (  # noqa: E402
+    EMBED_DTYPES,
     PEER_BATCH,
     InProcessPeer,
     load_peer_model,
@@ -134,7 +135,7 @@ def main() -> None:
                         help="one .txt per abstract (default) or one .jsonl file holding them all")
     parser.add_argument("--rounds", type=int, default=2, help="our ingestion runs, each between peer runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
-    parser.add_argument("--embed-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--embed-dtype", default="auto", choices=EMBED_DTYPES,
                         help="EMBED_DTYPE of the embed service")
     parser.add_argument("--save", action="store_true", help="write bench/results/ingest-<device>-<date>.json "
                                                             "(refused from uncommitted code)")
@@ -156,18 +157,19 @@ def main() -> None:
     chunks = chunk_texts(texts, model_dir)
     # The service resolves EMBED_DTYPE the same way on this machine and torch.
     embed_dtype = str(resolved_dtype(args.embed_dtype, "cpu")).removeprefix("torch.")
-    model = load_peer_model(str(model_dir), "cpu", texts[:64], "float32")  # the warm-up our side gets too
-    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
-    bf16_model.encode(texts[:64], batch_size=PEER_BATCH, normalize_embeddings=True)
-    peers = [InProcessPeer(model, texts, "whole texts"), InProcessPeer(model, chunks, "same chunks"),
-             InProcessPeer(bf16_model, texts, "whole texts bf16")]
+    peers = []
+    for dtype in dict.fromkeys(["float32", embed_dtype]):
+        model = load_peer_model(str(model_dir), "cpu", texts[:64], dtype)  # the warm-up our side gets too
+        suffix = "" if dtype == "float32" else f" {dtype}"
+        peers += [InProcessPeer(model, texts, f"whole texts{suffix}"),
+                  InProcessPeer(model, chunks, f"same chunks{suffix}")]
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         corpus = write_corpus(texts, work / "corpus", args.layout)
         warmup = write_corpus(texts[-64:] if len(texts) > 64 else texts, work / "warmup", args.layout)
         quiet = {"EMBED_LOG_LEVEL": "warning", "RETRIEVER_LOG_LEVEL": "warning", "TOKENIZERS_PARALLELISM": "false"}
-        embed = ServiceProcess("embed", env={**threads, **quiet, "EMBED_DTYPE": args.embed_dtype},
+        embed = ServiceProcess("embed", env={**threads, **quiet, "EMBED_DTYPE": embed_dtype},
                                log_dir=work).start()
         dead = f"http://127.0.0.1:{free_port()}"  # llm and rerank are not part of ingestion
         retriever = ServiceProcess("retriever", log_dir=work, env={
@@ -190,25 +192,24 @@ def main() -> None:
     if ours[0]["chunks"] != len(chunks):
         raise RuntimeError(f"the retriever made {ours[0]['chunks']} chunks, the local chunker {len(chunks)}: the "
                            f"'same chunks' peer would not be doing the same work")
+    ratio_keys = [f"ratio_vs_{peer.name.replace(' ', '_')}" for peer in peers]
     for i, run in enumerate(ours):
-        for p, peer in enumerate(peers):
+        for p, key in enumerate(ratio_keys):
             neighbours = statistics.mean(runs[p]["docs_per_s"] for runs in peer_runs[i:i + 2])
-            run[f"ratio_vs_{peer.name.replace(' ', '_')}"] = run["docs_per_s"] / neighbours
-
+            run[key] = run["docs_per_s"] / neighbours
     rows = [[f"ours, run {i + 1}", r["docs_per_s"], r["chunks_per_s"], r["embedded_tokens"], r["tokens_per_s"],
              r["padded_tokens"] / max(1, r["embedded_tokens"]), sum(r["cpu_seconds"].values()),
-             r["ratio_vs_whole_texts"], r["ratio_vs_same_chunks"], r["ratio_vs_whole_texts_bf16"]]
-            for i, r in enumerate(ours)]
+             *(r[key] for key in ratio_keys)] for i, r in enumerate(ours)]
     for p, peer in enumerate(peers):
         runs = [round_[p] for round_ in peer_runs]
         rows.append([f"sentence-transformers, {peer.name} (mean of {len(runs)})",
                      statistics.mean(r["docs_per_s"] for r in runs), statistics.mean(r["texts_per_s"] for r in runs),
                      peer.tokens, statistics.mean(r["tokens_per_s"] for r in runs), padded_tokens(peer) / peer.tokens,
-                     statistics.mean(r["cpu_seconds"] for r in runs), "-", "-", "-"])
+                     statistics.mean(r["cpu_seconds"] for r in runs), *["-"] * len(peers)])
     print_table(f"ingestion, {len(texts)} SciFact abstracts ({args.layout}), {len(chunks)} chunks, "
                 f"{args.threads} torch threads, embed service in {embed_dtype}",
-                ["run", "docs/s", "texts/s", "tokens", "tokens/s", "padded/real", "cpu s", "vs whole", "vs chunks",
-                 "vs whole bf16"], rows)
+                ["run", "docs/s", "texts/s", "tokens", "tokens/s", "padded/real", "cpu s",
+                 *(f"vs {peer.name}" for peer in peers)], rows)
     if not args.save:
         return
     peer_summary = {peer.name: {"texts": len(peer.texts), "tokens": peer.tokens, "padded_tokens": padded_tokens(peer),
@@ -220,7 +221,7 @@ def main() -> None:
                 "model": str(model_dir), "torch_threads": args.threads, "rounds": args.rounds,
                 "embed_dtype": {"setting": args.embed_dtype, "resolved": embed_dtype},
                 "cli": "scripts/ingest.py defaults (its run() called in this process)",
-                "method": "peer runs (whole texts, same chunks, whole texts bf16) before and after each of our runs; "
+                "method": f"peer runs ({', '.join(peer.name for peer in peers)}) before and after each of our runs; "
                           "ratio = our docs/s over the mean of the peer runs either side; start-up excluded on both "
                           "sides"}
     path = save_result("ingest", workload=workload, ours=ours, peer=peer_summary)

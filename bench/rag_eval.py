@@ -34,6 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from bench.embed import EMBED_DTYPES  # noqa: E402
 from bench.report import print_table, save_result  # noqa: E402
 from services.retriever.prompt import rag_messages, source_block  # noqa: E402
 from services.retriever.settings import RetrieverSettings  # noqa: E402
@@ -298,7 +299,7 @@ def main() -> None:
     parser.add_argument("--embed-url", default="")
     parser.add_argument("--rerank-url", default="")
     parser.add_argument("--llm-url", default="")
-    parser.add_argument("--embed-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--embed-dtype", default="auto", choices=EMBED_DTYPES,
                         help="EMBED_DTYPE of the embed service started here (auto: bf16 on a CPU with native bf16)")
     parser.add_argument("--scifact-queries", type=int, default=0, help="0: all 809 judged training claims")
     parser.add_argument("--scifact-corpus-docs", type=int, default=0,
