@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.llm.engine import SamplingParams
-from services.llm.layers.sampler import Sampler, SamplingRow, apply_penalties, filter_probs
+from services.llm.layers.sampler import CDF_BLOCK, Sampler, SamplingRow, apply_penalties, filter_probs, sample_rows
 
 VOCAB = 50
 
@@ -128,3 +128,33 @@ def test_greedy_takes_the_first_of_tied_maxima_like_argmax() -> None:
     out = Sampler(seeded(0))(logits, [row(SamplingParams(temperature=0.0)) for _ in range(6)])
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert out.token_ids[:4] == [3, 40000, 49151, 0]
+
+
+def test_sampled_tokens_follow_the_distribution() -> None:
+    """20,000 draws from one row whose mass sits across CDF blocks, zero runs and the padded last block: each
+    token's count is within 5 standard deviations of its expectation, and no zero-probability token is drawn."""
+    vocab = 3 * CDF_BLOCK + 37  # the last block is padded
+    probs = torch.zeros(vocab)
+    probs[[0, 5, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 100, vocab - 1]] = torch.tensor([1, 3, 2, 4, 6, 4.0])
+    logits = probs.log()[None]  # -inf where the probability is zero
+    draws, sampler = 20_000, Sampler(seeded(5))
+    counts = torch.zeros(vocab)
+    for _ in range(draws // 500):
+        out = sampler(logits.expand(500, -1), [row(SamplingParams(temperature=1.0))] * 500)
+        counts += torch.bincount(torch.tensor(out.token_ids), minlength=vocab)
+    expected = probs / probs.sum() * draws
+    assert counts[probs == 0].sum() == 0
+    spread = (expected * (1 - expected / draws)).sqrt()
+    assert bool(((counts - expected).abs() <= 5 * spread + 1).all()), (counts[probs > 0], expected[probs > 0])
+
+
+def test_cdf_draws_at_the_ends_land_on_tokens_with_mass() -> None:
+    probs = torch.zeros(2, 2 * CDF_BLOCK + 3)
+    probs[:, [7, CDF_BLOCK + 1, 2 * CDF_BLOCK + 2]] = torch.tensor([0.25, 0.5, 0.25])
+    first = sample_rows(probs, torch.zeros(2))
+    last = sample_rows(probs, torch.full((2,), 1 - 2.0**-24))
+    middle = sample_rows(probs, torch.tensor([0.3, 0.74]))
+    assert first.tolist() == [7, 7] and last.tolist() == [2 * CDF_BLOCK + 2] * 2
+    assert middle.tolist() == [CDF_BLOCK + 1, CDF_BLOCK + 1]
+    unnormalized = sample_rows(probs * 8, torch.tensor([0.3, 0.8]))  # any positive total
+    assert unnormalized.tolist() == [CDF_BLOCK + 1, 2 * CDF_BLOCK + 2]
