@@ -2,8 +2,9 @@
 
 aiperf is installed on first use into its own venv under `.bench/` (its dependencies do not mix with ours).
 Every server gets the same synthetic workload: prompts of `input_tokens` tokens (counted with the model's own
-tokenizer), `output_tokens` tokens out with `ignore_eos`, greedy, streamed chat completions, and the same
-number of untimed warm-up requests. aiperf counts tokens itself, with the same tokenizer on both sides.
+tokenizer), `output_tokens` tokens out with `ignore_eos`, at `temperature` (0: greedy), streamed chat
+completions, and the same number of untimed warm-up requests. aiperf counts tokens itself, with the same
+tokenizer on both sides.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class AiperfLoad:
     input_tokens_stddev: int
     output_tokens: int
     seed: int = 0
+    temperature: float = 0.0
 
 
 def aiperf_executable() -> Path:
@@ -49,7 +51,7 @@ def aiperf_command(server: RunningServer, load: AiperfLoad, tokenizer_dir: Path,
             "--synthetic-input-tokens-mean", str(load.input_tokens),
             "--synthetic-input-tokens-stddev", str(load.input_tokens_stddev),
             "--output-tokens-mean", str(load.output_tokens), "--output-tokens-stddev", "0",
-            "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0",
+            "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"temperature:{load.temperature:g}",
             "--random-seed", str(load.seed), "--ui-type", "none", "--artifact-dir", str(artifact_dir),
             # Few client processes: on a small machine they take cores from the server under test.
             "--workers-max", "1", "--record-processors", "1", "--no-server-metrics", "--no-gpu-telemetry"]

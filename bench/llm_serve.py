@@ -4,8 +4,9 @@
 stops it, then does the same with vLLM's CPU build (installed on first use into its own venv under .bench/) on the
 same safetensors model, dtype, context, batch limits and KV-cache size, each server on its own CPU thread policy
 unless `--threads` pins both; see bench/llm_servers.py and bench/aiperf_load.py. Requests are streamed chat
-completions with `ignore_eos`, so both sides generate the same number of tokens. `--save` (from a clean commit
-only) writes bench/results/llm_serve-<device>-<date>.json and keeps both sides' aiperf summary exports beside it.
+completions with `ignore_eos`, so both sides generate the same number of tokens, greedy unless `--temperature`
+says otherwise. `--save` (from a clean commit only) writes bench/results/llm_serve-<device>-<date>.json (at a
+temperature: llm_serve_t<temperature>-...) and keeps both sides' aiperf summary exports beside it.
 
 The built-in client (`--client builtin`, or `--base-url` for a server already running) measures TTFT, ITL,
 TPOT, E2E, throughput and goodput itself, with requests arriving at a fixed rate (Poisson, or gamma gaps with
@@ -69,6 +70,7 @@ class Workload:
     max_seconds: float
     seed: int
     ignore_eos: bool
+    temperature: float = 0.0
 
 
 @dataclass(slots=True)
@@ -120,11 +122,11 @@ def arrival_gaps(workload: Workload, rng: np.random.Generator) -> Iterator[float
 
 
 async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: str, result: RequestResult,
-                   ignore_eos: bool) -> None:
+                   ignore_eos: bool, temperature: float = 0.0) -> None:
     """Streams one request, filling `result` as tokens arrive, so a request cut off mid-stream still counts
     the tokens it received."""
-    body: dict[str, object] = {"model": model, "max_tokens": result.max_tokens, "temperature": 0.0, "stream": True,
-                               "stream_options": {"include_usage": True}}
+    body: dict[str, object] = {"model": model, "max_tokens": result.max_tokens, "temperature": temperature,
+                               "stream": True, "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
     if endpoint == "chat":
@@ -186,7 +188,8 @@ async def run_load(base_url: str, model: str, workload: Workload, requests: list
             # Recorded before it is sent: a request the deadline cuts off still counts what it streamed.
             result = RequestResult(ok=False, prompt_words=len(prompt.split()), max_tokens=max_tokens)
             results.append(result)
-            await send_one(http, workload.endpoint, model, prompt, result, workload.ignore_eos)
+            await send_one(http, workload.endpoint, model, prompt, result, workload.ignore_eos,
+                           workload.temperature)
             progress.update()
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=workload.max_seconds + 60,
@@ -280,7 +283,7 @@ def measure_server(server: RunningServer, args: argparse.Namespace, config: Serv
                                                                           concurrency),
                               warmup_request_count=WARM_UP_REQUESTS, input_tokens=args.input_len,
                               input_tokens_stddev=int(args.input_len * args.range_ratio / 2),
-                              output_tokens=args.output_len, seed=args.seed)
+                              output_tokens=args.output_len, seed=args.seed, temperature=args.temperature)
             figures[key] = run_aiperf(server, load, config.model_dir, artifacts / f"{server.name}-{key}",
                                       artifacts / f"{server.name}-{key}.log")
         else:
@@ -298,7 +301,7 @@ def builtin_workload(args: argparse.Namespace, concurrency: int | None, num_requ
     return Workload(kind=args.workload, endpoint=args.endpoint, num_requests=num_requests,
                     input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
                     concurrency=concurrency, request_rate=args.request_rate, burstiness=args.burstiness,
-                    max_seconds=args.max_seconds, seed=args.seed, ignore_eos=True)
+                    max_seconds=args.max_seconds, seed=args.seed, ignore_eos=True, temperature=args.temperature)
 
 
 HEADLINE = ("out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "E2E p50 ms", "failed")
@@ -373,6 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--request-rate", type=float, default=None, help="built-in client: arrivals per second")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 is Poisson")
     load.add_argument("--max-seconds", type=float, default=600.0, help="built-in client: stop a run after this")
+    load.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature of every request, on every server (default 0: greedy; 1 is the "
+                           "OpenAI default a client gets when it sets none); a result at another temperature is "
+                           "saved as llm_serve_t<temperature>-...")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--slo-ttft-ms", type=float, default=None)
     load.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -429,8 +436,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     rows = [[server, level, *headline(f, args.client)] for server, levels in figures.items()
             for level, f in levels.items()]
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
     print_table(f"LLM serving ({args.client} client, {args.endpoint}, {args.input_len} in / {args.output_len} out, "
-                "ignore_eos)", ["server", "concurrency", *HEADLINE], rows)
+                f"ignore_eos, {sampling})", ["server", "concurrency", *HEADLINE], rows)
     compared = ratios(figures, args.client)
     for level, r in compared.items():
         print(f"ours / {args.peer} at {level}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
@@ -444,10 +452,12 @@ def save(args: argparse.Namespace, figures: dict[str, dict[str, dict[str, object
     workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
                 "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
                 "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,
+                "temperature": args.temperature,
                 "servers": config.describe() if config else None}
     extra = {"complete": complete, "ratio_ours_over_peer": ratios(figures, args.client), "peer_name": args.peer,
              "commands": commands}
-    path = save_result("llm_serve", workload=workload, ours=figures.get("ours") or figures.get("target"),
+    name = "llm_serve" if args.temperature == 0 else f"llm_serve_t{args.temperature:g}"
+    path = save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
                        peer=figures.get(args.peer) if args.peer else None, extra=extra)
     if args.client == "aiperf":
         keep_aiperf_exports(figures, path.with_suffix(""))
