@@ -46,10 +46,12 @@ def _cpu_model() -> str:
 
 
 def build(source: Path, flags: tuple[str, ...], compiler: str | None = None, directory: Path | None = None) -> Path:
-    """The source's shared library, compiled now unless this source, compiler, flags and CPU built it before."""
+    """The source's shared library, compiled now unless this source (with the headers beside it), compiler, flags
+    and CPU built it before."""
     compiler = compiler or os.environ.get("CC") or "cc"
     directory = directory or cache_dir()
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, *flags, platform.machine(), _cpu_model()])
+    texts = [source.read_text(), *(header.read_text() for header in sorted(source.parent.glob("*.h")))]
+    key = hashlib.sha256("\0".join([*texts, compiler, *flags, platform.machine(), _cpu_model()])
                          .encode()).hexdigest()[:16]
     library = directory / f"{source.stem}-{key}.so"
     if library.exists():

@@ -10,21 +10,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_LANES 16
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? 0x7FC0 : rounded;
-}
 
 static inline float load(const void *p, int64_t i, int dtype) {
     return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -20,21 +22,6 @@ enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_FP8_E4M3 = 2 };
 
 #define MAX_GROUP 16   /* query heads per KV head */
 #define MAX_HEAD_DIM 256
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's cast */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline float fp8_e4m3_to_f32(uint8_t x) {
     uint32_t magnitude = x & 0x7fu;
@@ -50,7 +37,7 @@ static inline float fp8_e4m3_to_f32(uint8_t x) {
 
 static inline float load_scalar(const void *base, int64_t i, int dtype) {
     switch (dtype) {
-    case DTYPE_BF16: return bf16_to_f32(((const uint16_t *)base)[i]);
+    case DTYPE_BF16: return bf16_to_float(((const uint16_t *)base)[i]);
     case DTYPE_FP8_E4M3: return fp8_e4m3_to_f32(((const uint8_t *)base)[i]);
     default: return ((const float *)base)[i];
     }
@@ -268,7 +255,7 @@ static void write_output(const float *acc, const float *sums, int head_dim, int 
     for (; e < n; e++) {
         const float value = acc[e] / sums[e / head_dim];
         if (io_dtype == DTYPE_BF16)
-            ((uint16_t *)out)[first + e] = f32_to_bf16(value);
+            ((uint16_t *)out)[first + e] = float_to_bf16(value);
         else
             ((float *)out)[first + e] = value;
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,19 @@ def test_build_is_cached_by_source_and_flags(tmp_path: Path) -> None:
     first = c_build.build(source, flags, directory=tmp_path)
     assert c_build.build(source, flags, directory=tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left behind
+
+
+def test_a_changed_header_builds_anew(tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    source = kernels / "kernel.c"
+    source.write_text('#include "value.h"\nint value(void) { return VALUE; }\n')
+    (kernels / "value.h").write_text("#define VALUE 1\n")
+    first = c_build.build(source, c_build.FLAGS, directory=tmp_path / "cache")
+    (kernels / "value.h").write_text("#define VALUE 2\n")
+    second = c_build.build(source, c_build.FLAGS, directory=tmp_path / "cache")
+    assert second != first
+    assert ctypes.CDLL(str(first)).value() == 1 and ctypes.CDLL(str(second)).value() == 2
 
 
 @pytest.mark.parametrize(("module", "resolve", "warning"), [
