@@ -122,7 +122,7 @@ def arrival_gaps(workload: Workload, rng: np.random.Generator) -> Iterator[float
 
 
 async def send_one(http: httpx.AsyncClient, endpoint: str, model: str, prompt: str, result: RequestResult,
-                   ignore_eos: bool, temperature: float = 0.0) -> None:
+                   ignore_eos: bool, temperature: float) -> None:
     """Streams one request, filling `result` as tokens arrive, so a request cut off mid-stream still counts
     the tokens it received."""
     body: dict[str, object] = {"model": model, "max_tokens": result.max_tokens, "temperature": temperature,

@@ -63,14 +63,13 @@ class Sampler:
         logits = _constrain(logits, rows, mask)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows and len(sampled_rows) == len(rows):  # no greedy row: no argmax, no copy of the rows
-            tokens = sample_rows(_probs(logits, params), self._uniform([r.generator for r in rows], logits.device))
+            tokens = self._sample(logits, params, [r.generator for r in rows])
         else:
             tokens = row_argmax(logits)
             if sampled_rows:
                 index = torch.tensor(sampled_rows, device=logits.device)
-                probs = _probs(logits[index], [params[i] for i in sampled_rows])
-                uniforms = self._uniform([rows[i].generator for i in sampled_rows], probs.device)
-                tokens[index] = sample_rows(probs, uniforms)
+                tokens[index] = self._sample(logits[index], [params[i] for i in sampled_rows],
+                                             [rows[i].generator for i in sampled_rows])
         token_list = tokens.tolist()
         return SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params))
 
@@ -101,6 +100,10 @@ class Sampler:
         token_list = tokens.tolist()
         return (SamplerOutput(token_ids=token_list, logprobs=_gather_logprobs(raw_logprobs, token_list, params)),
                 accepted.tolist())
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        return sample_rows(_probs(logits, params), self._uniform(generators, logits.device))
 
     def _uniform(self, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
         draws = torch.rand(len(generators), generator=self.generator, device=device)
