@@ -33,11 +33,17 @@ lint: install
 # The `ci` hypothesis profile (tests/conftest.py) makes property tests derandomized: the same examples every run.
 # LLM_CPU_COMPILE=0: the LLM servers the suite starts skip the start-up compile (5-20 s each; the suite's time
 # budget); tests/unit/llm/kernels/test_cpu_compiled.py builds and checks the compiled kernels.
+# The unit and integration tests run in two pytest-xdist workers, a test file per worker at a time (module
+# fixtures such as a test file's server start once): each worker holds one core. The end-to-end tests start
+# whole stacks and run alone, in order (the container test last, after CI's background image build).
+TEST_ENV := LLM_CPU_COMPILE=0 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+PARALLEL := -n 2 --dist loadfile
 test: install k8s-tools lint
-	LLM_CPU_COMPILE=0 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci
+	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci $(PARALLEL) tests/unit tests/integration
+	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci tests/e2e tests/gpu
 
 test-fast: install k8s-tools
-	LLM_CPU_COMPILE=0 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest --hypothesis-profile=ci -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci $(PARALLEL) -m "not slow"
 
 # The four services as background processes on loopback (logs and PIDs under run/).
 up: install
