@@ -107,11 +107,11 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
         saved = quantize_linears_int8(net)
         log.info("int8 weight-only quantization of the decoder projections: %.0f MiB less", saved / 2**20)
     elif quantization == "fp8":
-        from services.llm.calibration import calibration_chunks, projection_hessians
+        from services.llm.calibration import calibration_chunks, projection_hessian_groups
 
         # Rounded to nearest, e4m3 costs the bundled 135M model 4% perplexity; GPTQ-rounded, 0.4-1.0%.
-        hessians = projection_hessians(loaded, calibration_chunks(tokenizer), device, dtype)
-        saved = quantize_linears_fp8(net, hessians)
+        saved = quantize_linears_fp8(net, projection_hessian_groups(loaded, calibration_chunks(tokenizer), device,
+                                                                    dtype))
         log.info("fp8 (e4m3) weight-only quantization of the decoder projections, GPTQ-rounded on %s: %.0f MiB less",
                  "services/llm/calibration.txt", saved / 2**20)
     if pack_cpu_weights and cpu_packing_available(device, dtype):

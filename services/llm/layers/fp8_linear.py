@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ class Fp8Linear(WeightOnlyLinear):
     matmul = staticmethod(fp8_matmul)
 
 
-def quantize_linears_fp8(model: nn.Module, hessians: dict[nn.Linear, torch.Tensor] | None = None) -> int:
-    """Swaps every decoder layer's projections for `Fp8Linear`, as int8 does, GPTQ-rounded where `hessians` has the
-    projection's input Hessian (`services/llm/calibration.py`). Returns the bytes saved."""
-    return quantize_projections(model, Fp8Linear, hessians)
+def quantize_linears_fp8(model: nn.Module, hessian_groups: Iterable[dict[nn.Linear, torch.Tensor]] = ()) -> int:
+    """Swaps every decoder layer's projections for `Fp8Linear`, as int8 does, GPTQ-rounded where one of
+    `hessian_groups` has the projection's input Hessian (`services/llm/calibration.py`). Returns the bytes saved."""
+    return quantize_projections(model, Fp8Linear, hessian_groups)

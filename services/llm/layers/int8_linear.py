@@ -3,7 +3,7 @@ format here, and the shared shape of such layers that `fp8_linear.py` reuses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -52,12 +52,21 @@ def decoder_projections(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.L
 
 
 def quantize_projections(model: nn.Module, layer_type: type[WeightOnlyLinear],
-                         hessians: dict[nn.Linear, torch.Tensor] | None = None) -> int:
-    """Swaps every decoder projection for `layer_type`, GPTQ-rounded where `hessians` has its input Hessian.
+                         hessian_groups: Iterable[dict[nn.Linear, torch.Tensor]] = ()) -> int:
+    """Swaps every decoder projection for `layer_type`, GPTQ-rounded where one of `hessian_groups` has its input
+    Hessian. The groups may come one at a time from a generator that runs the model (`calibration.
+    projection_hessian_groups`): each group's projections are rounded and its Hessians dropped before the next
+    group is asked for, and nothing is swapped until the last, so the generator always runs the unquantized model.
     Returns the bytes saved (both formats store one byte per weight)."""
+    projections = list(decoder_projections(model))
+    rounded: dict[nn.Linear, WeightOnlyLinear] = {}
+    for hessians in hessian_groups:
+        rounded.update((linear, layer_type(linear, hessian)) for linear, hessian in hessians.items())
+        del hessians  # before the generator computes the next group
     saved = 0
-    for owner, name, linear in list(decoder_projections(model)):
-        setattr(owner, name, layer_type(linear, (hessians or {}).get(linear)))
+    for owner, name, linear in projections:
+        layer = rounded.pop(linear, None)
+        setattr(owner, name, layer if layer is not None else layer_type(linear))
         saved += linear.weight.numel() * (linear.weight.element_size() - 1)
     return saved
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.llm.calibration import calibration_chunks, projection_hessians
+from services.llm import calibration
+from services.llm.calibration import calibration_chunks, projection_hessian_groups, projection_hessians
 from services.llm.kernels.fp8_matmul import FP8_WEIGHT_DTYPE, quantize_fp8_per_channel
 from services.llm.kernels.int8_matmul import quantize_int8_per_channel
 from services.llm.layers.fp8_linear import Fp8Linear
@@ -45,10 +46,16 @@ def test_gptq_rounding_lowers_the_layer_output_error_on_the_same_grid(quantize) 
     assert output_error(gptq, gptq_scale) < 0.5 * output_error(nearest, nearest_scale)
 
 
-def test_fp8_load_rounds_by_gptq_on_the_calibration_text(tiny_models: dict[str, Path]) -> None:
+# The whole model's Hessians in one pass (the default budget), or one projection's per pass: the same rounding,
+# since every pass runs the unquantized model.
+@pytest.mark.parametrize("budget_bytes", [None, 1])
+def test_fp8_load_rounds_by_gptq_on_the_calibration_text(tiny_models: dict[str, Path], budget_bytes: int | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     plain = load_model(str(tiny_models["llama"]), CPU, torch.float32)
     hessians = projection_hessians(plain, calibration_chunks(plain.tokenizer), CPU, torch.float32)
     names = {module: name for name, module in plain.model.named_modules()}
+    if budget_bytes is not None:
+        monkeypatch.setattr(calibration, "HESSIAN_BUDGET_BYTES", budget_bytes)
     fp8 = load_model(str(tiny_models["llama"]), CPU, torch.float32, "fp8")
     nearest_differs = False
     for linear, hessian in hessians.items():
@@ -59,3 +66,19 @@ def test_fp8_load_rounds_by_gptq_on_the_calibration_text(tiny_models: dict[str, 
         nearest_differs |= not torch.equal(quantize_fp8_per_channel(linear.weight)[0].view(torch.uint8),
                                            w8.view(torch.uint8))
     assert len(hessians) == 2 * 4 and nearest_differs  # 2 layers of qkv, o, gate_up, down
+
+
+def test_hessians_come_in_groups_that_fit_the_budget_and_equal_one_pass(tiny_models: dict[str, Path]) -> None:
+    plain = load_model(str(tiny_models["llama"]), CPU, torch.float32)
+    chunks = calibration_chunks(plain.tokenizer)
+    whole = projection_hessians(plain, chunks, CPU, torch.float32)
+    largest = max(h.numel() * 4 for h in whole.values())
+    for budget, passes in ((1, range(len(whole), len(whole) + 1)), (2 * largest, range(2, len(whole))),
+                           (None, range(1, 2))):
+        groups = list(projection_hessian_groups(plain, chunks, CPU, torch.float32, budget))
+        assert len(groups) in passes
+        for group in groups:  # over the budget only where one Hessian alone is
+            assert len(group) == 1 or sum(h.numel() * 4 for h in group.values()) <= (budget or 1 << 30)
+        merged = {linear: h for group in groups for linear, h in group.items()}
+        assert list(merged) == list(whole)  # model order, each projection once
+        assert all(torch.equal(merged[linear], whole[linear]) for linear in whole)
