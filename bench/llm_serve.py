@@ -519,13 +519,16 @@ def save(args: argparse.Namespace, rounds: list[dict[str, dict[str, dict[str, ob
         extra["rounds"] = [{"figures": measured, "ratio_ours_over_peer": ratios(measured, args.client)}
                            for measured in rounds]
     name = "llm_serve" if args.temperature == 0 else f"llm_serve_t{args.temperature:g}"
-    path = save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
-                       peer=figures.get(args.peer) if args.peer else None, extra=extra)
+
+    def write() -> Path:
+        return save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
+                           peer=figures.get(args.peer) if args.peer else None, extra=extra)
+
+    path = write()
     if args.client == "aiperf":  # copied beside the file, then the file written again with their kept paths
         for index, measured in enumerate(rounds):
             keep_aiperf_exports(measured, path.with_suffix(""), f"-r{index + 1}" if args.rounds > 1 else "")
-        path = save_result(name, workload=workload, ours=figures.get("ours") or figures.get("target"),
-                           peer=figures.get(args.peer) if args.peer else None, extra=extra)
+        path = write()
     print(f"wrote {path}" + ("" if complete else " (partial: more is still to come)"))
 
 
