@@ -111,6 +111,9 @@ def from_aiperf(data: dict, source: str, stat: str = "avg") -> MeasuredPoint:
 
 def from_llm_serve(data: dict, source: str, stat: str = "avg") -> MeasuredPoint:
     ours, workload = data.get("ours") or {}, data.get("workload") or {}
+    if isinstance(workload.get("concurrency"), list):  # the aiperf side by side: its exports, beside it, are points
+        raise NotALoadTest(f"a sweep over concurrency {workload['concurrency']}: its points are the aiperf exports "
+                           f"in {Path(source).with_suffix('')}/")
     if not workload.get("concurrency"):
         raise NotAPoint("no concurrency in the workload (a rate-driven run is not a sweep point)")
     key = "mean" if stat == "avg" else stat

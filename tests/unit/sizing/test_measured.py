@@ -97,6 +97,13 @@ def test_llm_serve_result_and_other_files(tmp_path: Path) -> None:
     assert len(skipped) == 1 and "rate.json" in skipped[0]  # the embed result is passed over quietly
     points, skipped = read_points([tmp_path / "embed-cpu.json"])
     assert not points and "not an aiperf" in skipped[0]  # named explicitly, it is reported
+    # The aiperf side by side (bench/llm_serve.py --peer): a sweep whose points are the exports kept beside it.
+    sweep = tmp_path / "sweep" / "llm_serve-cpu.json"
+    sweep.parent.mkdir()
+    sweep.write_text(json.dumps({**result, "workload": {**result["workload"], "concurrency": [1, 8, 32]}}))
+    assert read_points([sweep.parent]) == ([], [])  # in a folder: passed over quietly
+    points, skipped = read_points([sweep])
+    assert not points and "its points are the aiperf exports in" in skipped[0] and "sweep/llm_serve-cpu/" in skipped[0]
 
 
 def synthetic_points(roofline: Roofline, eff: Efficiency, workload: Workload) -> list[MeasuredPoint]:
