@@ -43,7 +43,8 @@ test: install k8s-tools lint
 	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci tests/e2e tests/gpu
 
 test-fast: install k8s-tools
-	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci $(PARALLEL) -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci $(PARALLEL) -m "not slow" tests/unit tests/integration
+	$(TEST_ENV) $(PY) -m pytest --hypothesis-profile=ci -m "not slow" tests/e2e tests/gpu
 
 # The four services as background processes on loopback (logs and PIDs under run/).
 up: install

@@ -309,7 +309,10 @@ SUMMED_FIGURES = ("failed", "unfinished", "error_request_count")
 
 def median_over_rounds(rounds: list[dict[str, dict[str, dict[str, object]]]]) -> dict[str, dict[str, dict]]:
     """Per server and level, each figure's median over the rounds that have it (counts of failures summed); nested
-    percentile tables are combined figure by figure. Non-numeric entries (export paths) stay with their round."""
+    percentile tables are combined figure by figure. Non-numeric entries (export paths) stay with their round.
+    A single round is returned as it is."""
+    if len(rounds) == 1:
+        return rounds[0]
     combined: dict[str, dict[str, dict]] = {}
     for name in dict.fromkeys(name for figures in rounds for name in figures):
         levels = dict.fromkeys(level for figures in rounds for level in figures.get(name, {}))
@@ -483,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                                       f"-r{index + 1}" if args.rounds > 1 else "")
                 if args.save:  # a run cut short later still keeps what it measured
                     save(args, rounds, commands, config, complete=False)
-        figures.update(rounds[0] if args.rounds == 1 else median_over_rounds(rounds))
+        figures.update(median_over_rounds(rounds))
 
     rows = [[server, level, *headline(f, args.client)] for server, levels in figures.items()
             for level, f in levels.items()]
@@ -505,9 +508,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 def save(args: argparse.Namespace, rounds: list[dict[str, dict[str, dict[str, object]]]],
          commands: dict[str, dict[str, object]], config: ServerConfig | None, complete: bool) -> None:
-    """One round: its figures as they are. Several (`--rounds`): the medians of the rounds measured so far, with
-    every round's figures and ratios kept."""
-    figures = rounds[0] if args.rounds == 1 else median_over_rounds(rounds)
+    """The medians of the rounds measured so far (one round: its figures as they are); with `--rounds`, every
+    round's figures and ratios are kept too."""
+    figures = median_over_rounds(rounds)
     workload = {"client": args.client, "endpoint": args.endpoint, "concurrency": args.concurrency,
                 "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
                 "requests_per_concurrency": args.requests_per_concurrency, "ignore_eos": True, "seed": args.seed,

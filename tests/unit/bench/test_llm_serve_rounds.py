@@ -38,3 +38,8 @@ def test_a_round_cut_short_still_combines_what_it_has() -> None:
     combined = median_over_rounds(rounds)
     assert combined["ours"]["c1"]["output_tok_s"] == 40.0 and combined["ours"]["c1"]["rounds"] == 1
     assert combined["peer"]["c1"]["output_tok_s"] == 40.0 and combined["peer"]["c1"]["rounds"] == 2
+
+
+def test_one_round_is_kept_as_it_is() -> None:
+    one = [{"ours": {"c1": aiperf_figures(40.0, 100.0, 20.0)}}]
+    assert median_over_rounds(one) is one[0]  # export paths and all
