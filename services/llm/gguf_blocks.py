@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.llm.gguf_file import tensor_processor
+from services.llm.gguf_file import gguf_index
 from services.llm.kernels.gguf_matmul import FORMATS, unpack_rows
 from services.llm.layers.gguf_linear import GGUFConcatLinear, GGUFLinear
 
@@ -32,14 +32,12 @@ PROJECTIONS = {"qkv_proj": ("self_attn", ("attn_q", "attn_k", "attn_v")), "o_pro
                "gate_up_proj": ("mlp", ("ffn_gate", "ffn_up")), "down_proj": ("mlp", ("ffn_down",))}
 
 
-def keep_gguf_blocks(net: nn.Module, path: Path, hf_config: dict) -> set[str]:
+def keep_gguf_blocks(net: nn.Module, path: Path) -> set[str]:
     """Swaps `net`'s decoder projections (built, not loaded yet) for block-format layers where the file allows;
     returns the GGUF tensor names they hold, which the loader leaves out."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    tensors = {t.name: t for t in reader.tensors}
-    processor = tensor_processor(reader, hf_config)
+    index = gguf_index(path)
+    tensors = {t.name: t for t in index.file_tensors()}
+    processor = index.processor()
     swapped: Counter[str] = Counter()
     kept: set[str] = set()
     for index, layer in enumerate(net.model.layers):

@@ -97,7 +97,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
         if quantization == "none" and (gguf_weights == "native" or (gguf_weights == "auto" and use_triton_on(device))):
             from services.llm.gguf_blocks import keep_gguf_blocks
 
-            kept = keep_gguf_blocks(net, path, hf_config)
+            kept = keep_gguf_blocks(net, path)
         weights = gguf_file.dequantized_tensors(path, hf_config, skip=kept)
     net.load_weights(weights)
     net.eval()
