@@ -32,8 +32,9 @@ COMPOSE_CPU = ROOT / "compose.cpu.yaml"
 SERVICES = ("llm", "embed", "rerank", "retriever")
 APP_UID = 10001
 VOLUME_MOUNTS = {"llm": ["/models"], "embed": ["/models"], "rerank": ["/models"], "retriever": ["/models", "/data"]}
-# Tags of this checkout's own: other checkouts on the machine build and run theirs at the same time.
-IMAGE_TAG = "cpu-" + hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+# Tags of this checkout's own: other checkouts on the machine build and run theirs at the same time. Under
+# `.ci/run`, the tag its background build gave them.
+IMAGE_TAG = os.environ.get("CI_IMAGES_TAG") or "cpu-" + hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
 MISSING_TOOLS = [tool for tool in ("docker", "docker-compose", "dockerd") if shutil.which(tool) is None]
 
 pytestmark = [
@@ -77,12 +78,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         started.wait(timeout=60)
 
 
-def wait_for_background_build() -> None:
-    """`.ci/run` builds the images in the background while the rest of the suite runs: wait for it to finish (its
-    exit status lands in $CI_IMAGES_STATUS) so the build below only reuses its layers."""
+def wait_for_background_build() -> bool:
+    """`.ci/run` builds the images (`make images`, tagged $CI_IMAGES_TAG) in the background while the rest of the
+    suite runs: wait for it to finish (its exit status lands in $CI_IMAGES_STATUS). False where nothing builds
+    them in the background."""
     status_file = os.environ.get("CI_IMAGES_STATUS")
     if not status_file:
-        return
+        return False
     started = time.monotonic()
     while not Path(status_file).exists():
         assert time.monotonic() - started < 3600, "the background image build did not finish within an hour"
@@ -92,15 +94,17 @@ def wait_for_background_build() -> None:
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
     assert status == "0", f"the background image build failed (exit {status}):\n{tail}"
     print(f"waited {time.monotonic() - started:.0f} s for the background image build", file=sys.stderr)
+    return True
 
 
 @pytest.fixture(scope="module")
 def images(engine: None) -> dict[str, str]:
-    """The four CPU images, built by the same Makefile target a user runs (cached layers make reruns quick)."""
-    wait_for_background_build()
-    started = time.monotonic()
-    run("make", "-s", "images", timeout=3600, env={"CPU_IMAGE_TAG": IMAGE_TAG})
-    print(f"make images: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    """The four CPU images, built by the same Makefile target a user runs (cached layers make reruns quick), here
+    or by `.ci/run` in the background."""
+    if not wait_for_background_build():
+        started = time.monotonic()
+        run("make", "-s", "images", timeout=3600, env={"CPU_IMAGE_TAG": IMAGE_TAG})
+        print(f"make images: {time.monotonic() - started:.0f} s", file=sys.stderr)
     return {name: f"rag-platform/{name}:{IMAGE_TAG}" for name in SERVICES}
 
 
