@@ -36,6 +36,9 @@ class AiperfLoad:
     output_tokens: int
     seed: int = 0
     temperature: float = 0.0
+    # None: aiperf's concurrency mode, which fills a freed slot at once but busy-polls for one while all are taken
+    # (about a core of the client's). A rate: requests at most this often, evenly spaced, under the same cap.
+    request_rate: float | None = None
 
 
 def aiperf_executable() -> Path:
@@ -54,7 +57,9 @@ def aiperf_command(server: RunningServer, load: AiperfLoad, tokenizer_dir: Path,
             "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"temperature:{load.temperature:g}",
             "--random-seed", str(load.seed), "--ui-type", "none", "--artifact-dir", str(artifact_dir),
             # Few client processes: on a small machine they take cores from the server under test.
-            "--workers-max", "1", "--record-processors", "1", "--no-server-metrics", "--no-gpu-telemetry"]
+            "--workers-max", "1", "--record-processors", "1", "--no-server-metrics", "--no-gpu-telemetry",
+            *(["--request-rate", f"{load.request_rate:g}", "--arrival-pattern", "constant"]
+              if load.request_rate else [])]
 
 
 def run_aiperf(server: RunningServer, load: AiperfLoad, tokenizer_dir: Path, artifact_dir: Path,
