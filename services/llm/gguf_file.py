@@ -17,6 +17,7 @@ and modification time, same library versions) read the index and map the tensors
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -127,6 +128,7 @@ def _index(path: Path, key: str) -> GGUFIndex:
             log.warning("%s: could not keep its GGUF index under %s (%s); this process reads the file's metadata "
                         "in full", path.name, directory.parent, error)
             scratch = Path(tempfile.mkdtemp(prefix="gguf-index-"))
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # this process's alone
             _build_index(path, scratch)
             return _read_index(path, scratch)
     return _read_index(path, directory)
