@@ -74,10 +74,14 @@ class GGUFIndex:
         return AutoTokenizer.from_pretrained(str(self.directory / "tokenizer"))
 
     def processor(self) -> Any:
-        """transformers' processor for the file's architecture (reverses llama.cpp's Q/K permutation for Llama)."""
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+        return tensor_processor(self.architecture, self.hf_config)
 
-        return TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.hf_config)
+
+def tensor_processor(architecture: str, hf_config: dict) -> Any:
+    """transformers' processor for the architecture (reverses llama.cpp's Q/K permutation for Llama)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=hf_config)
 
 
 def read_metadata(path: Path) -> tuple[dict, Any]:
@@ -86,8 +90,7 @@ def read_metadata(path: Path) -> tuple[dict, Any]:
     return dict(index.hf_config), index.tokenizer()
 
 
-def dequantized_tensors(path: Path, hf_config: dict, skip: set[str] = frozenset()
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
+def dequantized_tensors(path: Path, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, fp32 tensor) for each tensor of the file except those named in `skip`."""
     from gguf import dequantize
 
@@ -99,7 +102,7 @@ def dequantized_tensors(path: Path, hf_config: dict, skip: set[str] = frozenset(
             continue
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=index.hf_names,
-                                   parsed_parameters={"config": hf_config, "tensors": {}})
+                                   parsed_parameters={"config": index.hf_config, "tensors": {}})
         if result.name in index.hf_names:
             yield index.hf_names[result.name], torch.from_numpy(np.copy(result.weights))
 
@@ -167,11 +170,10 @@ def _build_index(path: Path, directory: Path) -> None:
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(directory / "tokenizer"))
     reader = GGUFReader(str(path))
     architecture = str(read_field(reader, "general.architecture")[0])
-    partial = GGUFIndex(path, directory, hf_config, architecture, {}, [])
     # The name map is read off a model skeleton; a meta-device one costs no memory.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
-    hf_names = get_gguf_hf_weights_map(skeleton, partial.processor())
+    hf_names = get_gguf_hf_weights_map(skeleton, tensor_processor(architecture, hf_config))
     tensors = [{"name": t.name, "type": int(t.tensor_type), "dtype": t.data.dtype.str, "shape": list(t.data.shape),
                 "offset": int(t.data_offset)} for t in reader.tensors]
     index = {"format": INDEX_FORMAT, "file": str(path), "hf_config": hf_config, "architecture": architecture,

@@ -98,7 +98,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
             from services.llm.gguf_blocks import keep_gguf_blocks
 
             kept = keep_gguf_blocks(net, path)
-        weights = gguf_file.dequantized_tensors(path, hf_config, skip=kept)
+        weights = gguf_file.dequantized_tensors(path, skip=kept)
     net.load_weights(weights)
     net.eval()
     loaded = LoadedModel(name=_model_name(model), config=config, model=net, tokenizer=tokenizer,

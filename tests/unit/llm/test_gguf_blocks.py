@@ -148,11 +148,11 @@ def test_tensors_read_one_at_a_time_equal_transformers_reader(ggufs: dict[str, P
     from services.llm import gguf_file
 
     hf_config, _ = gguf_file.read_metadata(ggufs[name])
-    ours = dict(gguf_file.dequantized_tensors(ggufs[name], hf_config))
+    ours = dict(gguf_file.dequantized_tensors(ggufs[name]))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
     theirs = load_gguf_checkpoint(str(ggufs[name]), return_tensors=True, model_to_load=skeleton)["tensors"]
     assert ours.keys() == theirs.keys() and len(ours) == 2 + 9 * LAYERS  # embeddings, norm; 7 projections, 2 norms
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    skipped = dict(gguf_file.dequantized_tensors(ggufs[name], hf_config, skip={"blk.0.attn_q.weight"}))
+    skipped = dict(gguf_file.dequantized_tensors(ggufs[name], skip={"blk.0.attn_q.weight"}))
     assert set(ours) - set(skipped) == {"model.layers.0.self_attn.q_proj.weight"}

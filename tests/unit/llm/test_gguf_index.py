@@ -52,7 +52,7 @@ def test_later_loads_read_the_index_instead_of_the_file(tmp_path: Path, cache: P
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q8_0")
     config, tokenizer = gguf_file.read_metadata(path)
-    tensors = dict(gguf_file.dequantized_tensors(path, config))
+    tensors = dict(gguf_file.dequantized_tensors(path))
     kept = list(cache.iterdir())
     assert len(kept) == 1 and (kept[0] / "index.json").is_file() and (kept[0] / "tokenizer").is_dir()
 
@@ -60,7 +60,7 @@ def test_later_loads_read_the_index_instead_of_the_file(tmp_path: Path, cache: P
     monkeypatch.setattr(gguf, "GGUFReader", fails)
     monkeypatch.setattr(hf_gguf, "load_gguf_checkpoint", fails)
     again_config, again_tokenizer = gguf_file.read_metadata(path)
-    again = dict(gguf_file.dequantized_tensors(path, again_config))
+    again = dict(gguf_file.dequantized_tensors(path))
     assert again_config == config
     same_tokenizer(again_tokenizer, tokenizer)
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
@@ -69,9 +69,9 @@ def test_later_loads_read_the_index_instead_of_the_file(tmp_path: Path, cache: P
 
 def test_a_changed_file_gets_a_new_index(tmp_path: Path, cache: Path) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q8_0", seed=1)
-    first = dict(gguf_file.dequantized_tensors(path, gguf_file.read_metadata(path)[0]))
+    first = dict(gguf_file.dequantized_tensors(path))
     write_tiny_gguf(path, "Q8_0", seed=2)  # same name and size, other weights
-    second = dict(gguf_file.dequantized_tensors(path, gguf_file.read_metadata(path)[0]))
+    second = dict(gguf_file.dequantized_tensors(path))
     assert len(list(cache.iterdir())) == 2
     assert not torch.equal(first["model.layers.0.mlp.down_proj.weight"], second["model.layers.0.mlp.down_proj.weight"])
 
@@ -87,7 +87,7 @@ def test_an_unwritable_cache_still_loads_and_says_so(tmp_path: Path, monkeypatch
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q4_0")
     with caplog.at_level(logging.WARNING, logger=gguf_file.__name__):
         config, tokenizer = gguf_file.read_metadata(path)
-        tensors = dict(gguf_file.dequantized_tensors(path, config))
+        tensors = dict(gguf_file.dequantized_tensors(path))
     gguf_file._index.cache_clear()
     assert "could not keep its GGUF index" in caplog.text
     assert config["num_hidden_layers"] == 2 and "model.embed_tokens.weight" in tensors
