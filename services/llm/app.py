@@ -90,7 +90,8 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           max_lora_rank=settings.max_lora_rank, quantization=settings.quantization,
                           cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights,
                           kv_cache_dtype=settings.kv_cache_dtype, cpu_compile=settings.cpu_compile,
-                          cpu_attention=settings.cpu_attention, cpu_elementwise=settings.cpu_elementwise)
+                          cpu_attention=settings.cpu_attention, cpu_elementwise=settings.cpu_elementwise,
+                          cpu_matmul=settings.cpu_matmul)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)

@@ -26,13 +26,14 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
-from services.llm.kernels import c_build, cpu_compiled, elementwise_cpu, paged_attention_cpu
+from services.llm.kernels import c_build, cpu_compiled, elementwise_cpu, matmul_cpu, paged_attention_cpu
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 from services.llm.layers.activation import SiluAndMul
 from services.llm.layers.lora import add_lora_layers
 from services.llm.layers.norm import RMSNorm
+from services.llm.layers.packed_linear import PackedLinear
 from services.llm.layers.rotary import RotaryEmbedding
 from services.llm.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from services.llm.lora_adapters import LoRAAdapter, LoRAAdapters, read_peft_adapter
@@ -70,6 +71,7 @@ class EngineConfig:
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
     cpu_attention: str = "auto"  # CPU decode attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
     cpu_elementwise: str = "auto"  # CPU steps under cpu_compiled.MIN_ROWS: norms, rotary, SiLU in C (elementwise_cpu)
+    cpu_matmul: str = "auto"  # CPU steps of up to 32 tokens: packed bf16 linears on AMX (kernels/matmul_cpu)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -89,6 +91,8 @@ class EngineConfig:
             raise ValueError(f"cpu_attention must be one of {paged_attention_cpu.CHOICES}, got {self.cpu_attention!r}")
         if self.cpu_elementwise not in c_build.CHOICES:
             raise ValueError(f"cpu_elementwise must be one of {c_build.CHOICES}, got {self.cpu_elementwise!r}")
+        if self.cpu_matmul not in c_build.CHOICES:
+            raise ValueError(f"cpu_matmul must be one of {c_build.CHOICES}, got {self.cpu_matmul!r}")
 
 
 class LLMEngine:
@@ -117,6 +121,7 @@ class LLMEngine:
                 and not use_triton_on(self.device):
             self._compile_cpu_kernels(loaded)
         self._use_cpu_elementwise_kernel(loaded)
+        self._use_cpu_matmul_kernel(loaded)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -454,6 +459,29 @@ class LLMEngine:
             module.cpu_kernel = kernel
         log.info("CPU steps under %d tokens: RMSNorm, rotary and SiLU-and-mul in C (kernels/elementwise_cpu)",
                  cpu_compiled.MIN_ROWS)
+
+    def _use_cpu_matmul_kernel(self, loaded: LoadedModel) -> None:
+        """Packed linears run steps of up to 32 tokens in the AMX kernel, each weight checked against oneDNN first."""
+        packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+        if not packed or use_triton_on(self.device):
+            return
+        kernel = matmul_cpu.resolve_cpu_matmul(self.config.cpu_matmul)
+        if kernel is None:
+            return
+        taken = [m for m in packed if kernel.supports(m.in_features, m.out_features)]
+        if len(taken) < len(packed):
+            log.warning("the CPU AMX matmul kernel takes feature counts in multiples of %d: %d of %d linear layers "
+                        "stay on oneDNN", matmul_cpu.BLOCK, len(packed) - len(taken), len(packed))
+        differing = [m for m in taken if kernel.differs_from_onednn(m.packed_weight, m.bias, m.in_features,
+                                                                    m.out_features)]
+        if differing:
+            log.warning("the CPU AMX matmul kernel is not bit for bit oneDNN's on %d of %d linear layers (oneDNN "
+                        "packed them in another layout?); all stay on oneDNN", len(differing), len(taken))
+            return
+        for module in taken:
+            module.cpu_kernel = kernel
+        log.info("CPU steps of up to %d tokens: %d linear layers on AMX (kernels/matmul_cpu)", matmul_cpu.MAX_ROWS,
+                 len(taken))
 
     def _cpu_attention_kernel(self, model: ModelConfig) -> paged_attention_cpu.DecodeKernel | None:
         """The C decode attention kernel where the engine runs on CPU and the kernel takes its dtypes and shapes."""
