@@ -5,8 +5,10 @@ ignored so output lengths hold). transformers runs `generate` with static batche
 generates to its longest output, only the requested tokens count as useful), swept over `--hf-batch-sizes`
 with the best one reported, and, where the installed version has it, its continuous-batching manager with
 each request's own `max_new_tokens`. Every system is treated alike: same dtype and torch threads, one
-untimed warm-up request each, and start-up (model load, manager start) outside the timed region.
-Writes bench/results/llm_offline-*.json.
+untimed warm-up request each, and start-up (model load, manager start) outside the timed region. Both load
+the same dense weights: a GGUF (the bundled Q4_1 SmolLM2 by default) is converted once to a safetensors
+directory and that directory is what both sides load, since transformers would otherwise keep GGUF weights
+packed and compute every matmul through a float32 cast. Writes bench/results/llm_offline-*.json.
 
     python bench/llm_offline.py                      # CPU defaults: bundled SmolLM2-135M, 32 requests
     python bench/llm_offline.py --num-requests 16 --prompt-len 32 256 --output-len 16 128
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.llm_servers import convert_gguf
 from bench.report import print_table, require_clean_tree, save_result
 from common.model_files import bundled_llm
 from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
@@ -34,6 +37,8 @@ from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="HF directory or .gguf (default: the bundled SmolLM2 GGUF)")
+    parser.add_argument("--model-cache", type=Path, default=Path("/tmp/llm_serve_models"),
+                        help="where a GGUF converted to safetensors is kept between runs (shared with llm_serve)")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[64, 512], metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
@@ -162,13 +167,10 @@ def _wait_for(manager: object, request_ids: set[str], progress: bool = False) ->
     return results
 
 
-def load_hf(model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+def load_hf(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    path = Path(model_path)
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
 
 
 def main() -> None:
@@ -178,13 +180,15 @@ def main() -> None:
         require_clean_tree()  # the result it writes is evidence only for committed code
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = args.model or str(bundled_llm())
-    engine = LLMEngine(EngineConfig(model=model_path, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    model = Path(args.model) if args.model else bundled_llm()
+    model_dir = convert_gguf(model, args.model_cache) if model.suffix == ".gguf" else model
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                                     max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
     dtype = engine.dtype
     special = set(engine.tokenizer.all_special_ids) | engine.eos_token_ids
     prompts, outputs = make_workload(args, engine.model_config.vocab_size, special)
-    workload = {"model": Path(model_path).name, "num_requests": args.num_requests, "prompt_len": args.prompt_len,
+    workload = {"model": model.name, "weights": "dense safetensors, the same directory on every side",
+                "num_requests": args.num_requests, "prompt_len": args.prompt_len,
                 "output_len": args.output_len, "prompt_tokens": sum(map(len, prompts)),
                 "output_tokens": sum(outputs), "dtype": str(dtype), "device": str(engine.device),
                 "hardware_profile": engine.hardware.profile, "torch_threads": torch.get_num_threads(),
@@ -196,7 +200,7 @@ def main() -> None:
     peer: dict = {}
     if not args.skip_hf:
         del engine
-        hf = load_hf(model_path, dtype)
+        hf = load_hf(model_dir, dtype)
         pad_id = hf.generation_config.pad_token_id or 0
         peer["static_generate"] = run_hf_static_sweep(hf, prompts, outputs, args.hf_batch_sizes, pad_id)
         peer["continuous_batching"] = run_hf_continuous(hf, prompts, outputs)
