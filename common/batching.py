@@ -1,9 +1,14 @@
 """Dynamic batching across concurrent requests, shared by the embed and rerank services.
 
 Requests put their inputs (each with a token cost) on one bounded queue. A worker thread takes a window
-from the head of the queue, sorts it by length so batches carry little padding, cuts it into batches
-bounded by a size and a padded-token budget, runs the model on each, and routes every result back to
-the request it came from, in order. A full queue refuses new work with 429 at once.
+from the head of the queue, sorts it by length, cuts it into batches bounded by a size and a padded-token
+budget, runs the model on each, and routes every result back to the request it came from, in order. A full
+queue refuses new work with 429 at once.
+
+The cut is the one with the least work: each batch costs its padded tokens (inputs x the longest) plus a fixed
+`batch_overhead`, the cost of one more model call in tokens. So a window of 254-token chunks and their
+60-token tails runs as two batches rather than padding the tails to 254, while inputs of nearly equal length
+stay together.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class DynamicBatcher(Generic[T, R]):
     max_batch_size: int = 64
     max_batch_tokens: int = 16384
     max_queue_items: int = 4096
+    # A model call's fixed cost, in padded tokens: all-MiniLM-L6-v2 in bf16 on 2 AMX cores takes about 12 ms for
+    # one short input, what about 250 tokens of a full batch take.
+    batch_overhead: int = 256
     metrics: BatcherMetrics | None = None
     _queue: deque[_Item] = field(default_factory=deque)
     _wakeup: threading.Condition = field(default_factory=threading.Condition)
@@ -134,18 +142,27 @@ class DynamicBatcher(Generic[T, R]):
                 self._run(batch)
 
     def _cut(self, items: list[_Item]) -> list[list[_Item]]:
-        """Consecutive runs of length-sorted items whose padded size fits the budget."""
+        """Length-sorted items cut into consecutive runs within the size and padded-token limits, the runs chosen
+        to minimise padded tokens plus `batch_overhead` per run (an exact dynamic programme over the cut points).
+        An item over the token budget on its own still runs, alone."""
+        n = len(items)
+        best = [0] * (n + 1)  # best[i]: least cost of the first i items
+        start = [0] * (n + 1)  # start[i]: where the last run of that best cut begins
+        for end in range(1, n + 1):
+            width = items[end - 1].cost  # sorted ascending: the run's longest
+            best[end], start[end] = best[end - 1] + self.batch_overhead + width, end - 1
+            for size in range(2, min(self.max_batch_size, end) + 1):
+                if size * width > self.max_batch_tokens:
+                    break
+                cost = best[end - size] + self.batch_overhead + size * width
+                if cost < best[end]:
+                    best[end], start[end] = cost, end - size
         batches: list[list[_Item]] = []
-        current: list[_Item] = []
-        for item in items:
-            padded = item.cost * (len(current) + 1)  # sorted ascending: this item is the longest so far
-            if current and (len(current) >= self.max_batch_size or padded > self.max_batch_tokens):
-                batches.append(current)
-                current = []
-            current.append(item)
-        if current:
-            batches.append(current)
-        return batches
+        end = n
+        while end > 0:
+            batches.append(items[start[end]:end])
+            end = start[end]
+        return batches[::-1]
 
     def _run(self, batch: list[_Item]) -> None:
         start = time.perf_counter()

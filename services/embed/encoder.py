@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
+from common import dense_attention_cpu
 from common.cpu import native_bf16_matmul
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ class Encoder:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", *, query_prefix: str | None = None,
-             passage_prefix: str | None = None) -> Encoder:
+             passage_prefix: str | None = None, cpu_attention: str = "auto") -> Encoder:
+        """`cpu_attention` (auto, kernel, torch): whether a bf16 model on CPU runs its attention on the AMX
+        kernel (`common/dense_attention_cpu`); `kernel` raises where it cannot, `auto` falls back with a warning."""
         start = time.perf_counter()
         device = resolve_device(device)
         torch_dtype, why = resolve_dtype(dtype, device, native_bf16_matmul())
@@ -101,10 +104,14 @@ class Encoder:
         if Path(model).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         st = SentenceTransformer(model, device=device).to(torch_dtype)
+        attention = "torch"
+        if device == "cpu" and torch_dtype == torch.bfloat16 and (
+                dense_attention_cpu.resolve_dense_attention(cpu_attention) is not None):
+            attention = f"the AMX kernel in {dense_attention_cpu.use_in(st)} model(s)"
         encoder = cls(st, query_prefix=query_prefix, passage_prefix=passage_prefix)
-        log.info("loaded %s on %s in %s (%s) in %.1fs: %d dimensions, %d tokens max, prefixes %r", model, device,
-                 str(torch_dtype).removeprefix("torch."), why, time.perf_counter() - start, encoder.dimension,
-                 encoder.max_tokens, encoder.prefixes)
+        log.info("loaded %s on %s in %s (%s) in %.1fs: %d dimensions, %d tokens max, prefixes %r, attention: %s",
+                 model, device, str(torch_dtype).removeprefix("torch."), why, time.perf_counter() - start,
+                 encoder.dimension, encoder.max_tokens, encoder.prefixes, attention)
         return encoder
 
     def tokenize(self, texts: Sequence[str], truncate: str = "NONE") -> list[Tokenized]:

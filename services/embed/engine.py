@@ -33,7 +33,7 @@ EncoderLoader = Callable[[EmbedSettings, str], Encoder]
 
 def load_encoder(settings: EmbedSettings, model: str) -> Encoder:
     return Encoder.load(model, settings.device, settings.dtype, query_prefix=settings.query_prefix,
-                        passage_prefix=settings.passage_prefix)
+                        passage_prefix=settings.passage_prefix, cpu_attention=settings.cpu_attention)
 
 
 def served_model(settings: EmbedSettings) -> tuple[str, str]:

@@ -23,6 +23,9 @@ class EmbedSettings(ServiceSettings):
         "auto", description="weights and activations: auto (float16 on cuda; bfloat16 on a CPU with native bf16 "
                             "matmul, AMX or AVX512-BF16; else float32), float32, bfloat16, float16; vectors are "
                             "float32 either way")
+    cpu_attention: Literal["auto", "kernel", "torch"] = Field(
+        "auto", description="attention of a bf16 model on CPU: auto (the AMX kernel where the CPU and compiler have "
+                            "it, else torch's), kernel (required: start fails without it), torch")
     max_batch_size: int = Field(64, gt=0, description="most inputs in one model batch")
     max_batch_tokens: int = Field(16384, gt=0, description="most padded tokens in one model batch")
     max_queue: int = Field(4096, gt=0, description="most inputs waiting for a batch (429 above)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import c_build
 from services.llm.config import ModelConfig
 from services.llm.engine.block_manager import BlockManager
 from services.llm.engine.gpu_memory import plan_kv_budget
@@ -26,7 +27,7 @@ from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch, Scheduler
 from services.llm.engine.sequence import Request, Sequence
 from services.llm.guided import GuidedDecoder
-from services.llm.kernels import c_build, cpu_compiled, elementwise_cpu, matmul_cpu, paged_attention_cpu
+from services.llm.kernels import cpu_compiled, elementwise_cpu, matmul_cpu, paged_attention_cpu
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.hardware import detect_hardware, use_given_cores
 from services.llm.kernels.kv_store import FP8_KV_DTYPE

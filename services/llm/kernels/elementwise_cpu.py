@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from services.llm.kernels import c_build
+from common import c_build
 
 SOURCE = Path(__file__).with_name("elementwise_cpu.c")
 # Without contraction: torch rounds each product before the add that follows it. Without trapping math the

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from common import c_build
 from common.cpu import cpu_flags
-from services.llm.kernels import c_build
 
 SOURCE = Path(__file__).with_name("matmul_cpu.c")
 FLAGS = (*c_build.FLAGS, "-fopenmp")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from services.llm.kernels import c_build
+from common import c_build
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.c")

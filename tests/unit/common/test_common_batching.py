@@ -1,13 +1,16 @@
-"""DynamicBatcher: results routed back in order, length-sorted batches within budgets, 429 when full, errors."""
+"""DynamicBatcher: results routed back in order, length-sorted batches within budgets, the cheapest cut of a
+window, 429 when full, errors."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import threading
 
 import pytest
 
-from common.batching import DynamicBatcher, QueueFull
+from common.batching import DynamicBatcher, QueueFull, _Item
 
 
 class RecordingModel:
@@ -79,6 +82,54 @@ def test_batches_are_length_sorted_and_within_the_token_budget() -> None:
     assert flat == sorted(costs)  # one window, sorted by cost
     for batch in later:
         assert max(costs[v] for v in batch) * len(batch) <= 40 or len(batch) == 1
+
+
+def cut_costs(batcher: DynamicBatcher, costs: list[int]) -> list[list[int]]:
+    items = [_Item(None, i, i, cost) for i, cost in enumerate(costs)]
+    return [[item.cost for item in batch] for batch in batcher._cut(items)]
+
+
+def test_a_window_is_cut_where_padding_would_cost_more_than_another_model_call() -> None:
+    batcher = DynamicBatcher(RecordingModel(), max_batch_size=64, max_batch_tokens=100_000, batch_overhead=256)
+    # Padding eight 60-token tails to 254 costs 1,552 tokens, more than a second call's 256.
+    assert cut_costs(batcher, [60] * 8 + [254] * 8) == [[60] * 8, [254] * 8]
+    # Nearly equal lengths stay together: padding them costs 16 tokens, less than a call.
+    assert cut_costs(batcher, [250] * 4 + [254] * 4) == [[250] * 4 + [254] * 4]
+
+
+def cost_of(batches: list[list[int]], overhead: int) -> int:
+    return sum(overhead + len(batch) * max(batch) for batch in batches)
+
+
+def cheapest_cut(costs: list[int], size: int, budget: int, overhead: int) -> int:
+    """By brute force: every way to cut the sorted costs into consecutive runs that respect the limits (a run of one
+    is always allowed)."""
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(costs) - 1):
+        batches, current = [], [costs[0]]
+        for cost, cut in zip(costs[1:], cuts, strict=True):
+            if cut:
+                batches.append(current)
+                current = []
+            current.append(cost)
+        batches.append(current)
+        if all(len(b) == 1 or (len(b) <= size and len(b) * max(b) <= budget) for b in batches):
+            total = cost_of(batches, overhead)
+            best = total if best is None else min(best, total)
+    return best
+
+
+def test_the_cut_is_the_cheapest_one_within_the_limits() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        costs = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 9)))
+        size, budget, overhead = rng.randint(1, 5), rng.randint(40, 200), rng.choice([0, 5, 40, 500])
+        batcher = DynamicBatcher(RecordingModel(), max_batch_size=size, max_batch_tokens=budget,
+                                 batch_overhead=overhead)
+        batches = cut_costs(batcher, costs)
+        assert [c for batch in batches for c in batch] == costs
+        assert all(len(b) == 1 or (len(b) <= size and len(b) * max(b) <= budget) for b in batches)
+        assert cost_of(batches, overhead) == cheapest_cut(costs, size, budget, overhead), (costs, size, budget)
 
 
 def test_full_queue_refuses_with_429_at_once() -> None:

@@ -47,9 +47,9 @@ def test_openapi_documents_the_embeddings_route() -> None:
 def test_help_lists_every_setting() -> None:
     out = subprocess.run([sys.executable, "-m", "services.embed", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    for env in ("EMBED_PORT", "EMBED_MODEL", "EMBED_DEVICE", "EMBED_DTYPE", "EMBED_MAX_BATCH_SIZE",
-                "EMBED_MAX_BATCH_TOKENS", "EMBED_MAX_QUEUE", "EMBED_MAX_INPUTS_PER_REQUEST", "EMBED_QUERY_PREFIX",
-                "EMBED_PASSAGE_PREFIX", "API_KEY"):
+    for env in ("EMBED_PORT", "EMBED_MODEL", "EMBED_DEVICE", "EMBED_DTYPE", "EMBED_CPU_ATTENTION",
+                "EMBED_MAX_BATCH_SIZE", "EMBED_MAX_BATCH_TOKENS", "EMBED_MAX_QUEUE", "EMBED_MAX_INPUTS_PER_REQUEST",
+                "EMBED_QUERY_PREFIX", "EMBED_PASSAGE_PREFIX", "API_KEY"):
         assert env in out, env
     assert "8001" in out
 

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer, models
 from transformers import BertConfig, BertModel
 
-from common.cpu import native_bf16_matmul
+from common import dense_attention_cpu
+from common.cpu import cpu_flags, native_bf16_matmul
 from common.errors import APIError
 from common.health import Readiness
 from common.model_files import bundled_embedding_model
@@ -72,6 +73,28 @@ def test_bfloat16_vectors_stay_close_to_float32_and_unit_length(encoder: Encoder
     assert vectors.dtype == np.float32
     assert cosines(vectors, embed_texts(encoder, TEXTS)).min() >= 0.99
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def attention_of(encoder: Encoder) -> set[str]:
+    from transformers import PreTrainedModel
+
+    return {m.config._attn_implementation for m in encoder.model.modules() if isinstance(m, PreTrainedModel)}
+
+
+@pytest.mark.skipif(bool(dense_attention_cpu.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
+def test_bfloat16_on_the_amx_attention_kernel_gives_torch_attentions_vectors(encoder: Encoder) -> None:
+    kernel = Encoder.load(str(bundled_embedding_model()), "cpu", "bfloat16", cpu_attention="kernel")
+    torch_attention = Encoder.load(str(bundled_embedding_model()), "cpu", "bfloat16", cpu_attention="torch")
+    assert attention_of(kernel) == {dense_attention_cpu.IMPLEMENTATION} and attention_of(torch_attention) == {"sdpa"}
+    texts = [*TEXTS, "padding " * 100]  # one batch: every text but the longest is padded
+    vectors = embed_texts(kernel, texts)
+    assert cosines(vectors, embed_texts(torch_attention, texts)).min() >= 0.9999
+    assert cosines(vectors, embed_texts(encoder, texts)).min() >= 0.999
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_float32_keeps_torch_attention(encoder: Encoder) -> None:
+    assert attention_of(encoder) == {"sdpa"}
 
 
 def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_on_a_cpu_with_native_bf16() -> None:

@@ -1,4 +1,4 @@
-"""kernels/c_build: the C kernels' build cache, and each kernel's auto/kernel/torch choice when nothing builds."""
+"""common/c_build: the C kernels' build cache, and each kernel's auto/kernel/torch choice when nothing builds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from types import ModuleType
 
 import pytest
 
-from services.llm.kernels import c_build, elementwise_cpu, paged_attention_cpu
+from common import c_build
+from services.llm.kernels import elementwise_cpu, paged_attention_cpu
 
 
 def test_build_is_cached_by_source_and_flags(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import c_build
 from common.cpu import cpu_flags
-from services.llm.kernels import c_build, matmul_cpu
+from services.llm.kernels import matmul_cpu
 from services.llm.kernels.matmul_cpu import MatmulKernel
 from services.llm.layers.packed_linear import PackedLinear
 from tests.unit.llm.test_engine_greedy import greedy, random_prompts, run_staggered

@@ -1,4 +1,5 @@
-"""Builds the CPU C kernels (`paged_attention_cpu.c`, `elementwise_cpu.c`) at first use, for ctypes to load.
+"""Builds the CPU C kernels (the LLM's under `services/llm/kernels`, and `common/dense_attention_cpu.c`) at first
+use, for ctypes to load.
 
 Each is compiled with the system C compiler (`$CC`, else `cc`) into a per-user cache directory, under a name
 keyed by the source, the compiler, the flags and the CPU, so a change to any of them rebuilds; the build goes to
