@@ -22,19 +22,10 @@
    each unit is computed the same way on any thread, so any thread count gives the same bits. */
 
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <omp.h>
-#define HAVE_AMX 1
-#else
-#define HAVE_AMX 0
-#endif
+#include "amx.h"
 
 #define ROWS 16        /* queries per block: a tile's rows */
 #define DIM_CHUNK 32   /* head dims per q tile (64 bytes of bf16) */
@@ -44,26 +35,7 @@
 #define TILE_BYTES 1024
 #define MAX_HEAD_DIM 256
 
-/* Linux: a process must ask for the AMX tile state before its first tile instruction. */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* 1 where this build has the AMX kernel and the kernel let this process use the tiles, else 0. */
-int attention_available(void) {
 #if HAVE_AMX
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-#else
-    return 0;
-#endif
-}
-
-#if HAVE_AMX
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
 /* Every tile 16 rows of 64 bytes. Scores: 0 accumulates, 4 holds queries, 6 keys. Output: 0-3 accumulate, 4
    holds probabilities, 5-7 values. */
 static void configure_tiles(void) {

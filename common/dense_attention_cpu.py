@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 
 from common import c_build
-from common.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("dense_attention_cpu.c")
 FLAGS = (*c_build.FLAGS, "-fopenmp")
-AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags the kernel runs on
 HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 32, 256  # as in the C source
 IMPLEMENTATION = "cpu_amx_dense"  # the name registered with transformers' attention and mask interfaces
 
@@ -33,12 +31,7 @@ _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes
 
 
 class DenseAttentionKernel:
-    def __init__(self, library: Path) -> None:
-        lib = ctypes.CDLL(str(library))
-        lib.attention_available.restype = ctypes.c_int
-        if not lib.attention_available():
-            raise c_build.KernelBuildError("the compiler built no AMX code here, or Linux refused this process the "
-                                           "AMX tile state")
+    def __init__(self, lib: ctypes.CDLL) -> None:
         self._attention = lib.dense_attention
         self._attention.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
                                     _ptr, _ptr, _ptr, _ptr, _ptr, _float, _int, _int]
@@ -81,10 +74,7 @@ class DenseAttentionKernel:
 def load(compiler: str | None = None, directory: Path | None = None) -> DenseAttentionKernel:
     """Raises `c_build.KernelBuildError` where the CPU has no AMX bf16, the build fails, or Linux does not grant
     the process the AMX tile state."""
-    missing = AMX_FLAGS - cpu_flags()
-    if missing:
-        raise c_build.KernelBuildError(f"the CPU lacks {', '.join(sorted(missing))}")
-    return DenseAttentionKernel(c_build.build(SOURCE, FLAGS, compiler, directory))
+    return DenseAttentionKernel(c_build.load_amx_library(SOURCE, FLAGS, compiler, directory))
 
 
 @functools.cache

@@ -14,44 +14,16 @@
    The blocks of 32 outputs are shared out among `threads` OpenMP threads (torch's pool: the library links the
    libgomp torch loaded), each taking a contiguous run, so any thread count gives the same bits. */
 
-#include <stdint.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <omp.h>
-#define HAVE_AMX 1
-#else
-#define HAVE_AMX 0
-#endif
+#include "amx.h"
 
 #define MAX_ROWS 32
 #define BLOCK 32  /* outputs and inputs per weight tile */
 #define TILE_ELEMENTS (BLOCK * BLOCK)
 #define PREFETCH_TILES 4  /* how far ahead the weight stream is prefetched (2 KiB a tile) */
 
-/* Linux: a process must ask for the AMX tile state before its first tile instruction. */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* 1 where this build has the AMX kernel and the kernel let this process use the tiles, else 0. */
-int matmul_available(void) {
 #if HAVE_AMX
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-#else
-    return 0;
-#endif
-}
-
-#if HAVE_AMX
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
 /* Tiles 0-3: accumulators [row half][output half]; 4, 5: the two row halves of the input; 6, 7: the two output
    halves of a weight tile. `rows` is 1 to 32; an unused second half still gets a valid (1-row) shape. */
 static void configure_tiles(int rows) {

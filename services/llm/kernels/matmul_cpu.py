@@ -20,24 +20,17 @@ from pathlib import Path
 import torch
 
 from common import c_build
-from common.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("matmul_cpu.c")
 FLAGS = (*c_build.FLAGS, "-fopenmp")
 MAX_ROWS = 32  # as in the C source
 BLOCK = 32  # features per weight tile: both feature counts must be multiples of it
-AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags the kernel runs on
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 class MatmulKernel:
-    def __init__(self, library: Path) -> None:
-        lib = ctypes.CDLL(str(library))
-        lib.matmul_available.restype = ctypes.c_int
-        if not lib.matmul_available():
-            raise c_build.KernelBuildError("the compiler built no AMX code here, or Linux refused this process the "
-                                           "AMX tile state")
+    def __init__(self, lib: ctypes.CDLL) -> None:
         self._linear = lib.packed_linear
         self._linear.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _int]
         self._linear.restype = ctypes.c_int
@@ -85,10 +78,7 @@ class MatmulKernel:
 def load(compiler: str | None = None, directory: Path | None = None) -> MatmulKernel:
     """Raises `c_build.KernelBuildError` where the CPU has no AMX bf16, the build fails, or Linux does not grant
     the process the AMX tile state."""
-    missing = AMX_FLAGS - cpu_flags()
-    if missing:
-        raise c_build.KernelBuildError(f"the CPU lacks {', '.join(sorted(missing))}")
-    return MatmulKernel(c_build.build(SOURCE, FLAGS, compiler, directory))
+    return MatmulKernel(c_build.load_amx_library(SOURCE, FLAGS, compiler, directory))
 
 
 @functools.cache

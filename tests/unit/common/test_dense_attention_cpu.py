@@ -10,7 +10,7 @@ from common import c_build, dense_attention_cpu
 from common.cpu import cpu_flags
 from common.dense_attention_cpu import DenseAttentionKernel, padding_ranges
 
-pytestmark = pytest.mark.skipif(bool(dense_attention_cpu.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
+pytestmark = pytest.mark.skipif(bool(c_build.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
 
 
 @pytest.fixture(scope="module")

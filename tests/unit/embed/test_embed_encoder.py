@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sentence_transformers import SentenceTransformer, models
 from transformers import BertConfig, BertModel
 
-from common import dense_attention_cpu
+from common import c_build, dense_attention_cpu
 from common.cpu import cpu_flags, native_bf16_matmul
 from common.errors import APIError
 from common.health import Readiness
@@ -81,7 +81,7 @@ def attention_of(encoder: Encoder) -> set[str]:
     return {m.config._attn_implementation for m in encoder.model.modules() if isinstance(m, PreTrainedModel)}
 
 
-@pytest.mark.skipif(bool(dense_attention_cpu.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
+@pytest.mark.skipif(bool(c_build.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
 def test_bfloat16_on_the_amx_attention_kernel_gives_torch_attentions_vectors(encoder: Encoder) -> None:
     kernel = Encoder.load(str(bundled_embedding_model()), "cpu", "bfloat16", cpu_attention="kernel")
     torch_attention = Encoder.load(str(bundled_embedding_model()), "cpu", "bfloat16", cpu_attention="torch")

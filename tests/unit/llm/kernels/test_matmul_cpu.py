@@ -15,7 +15,7 @@ from services.llm.kernels.matmul_cpu import MatmulKernel
 from services.llm.layers.packed_linear import PackedLinear
 from tests.unit.llm.test_engine_greedy import greedy, random_prompts, run_staggered
 
-pytestmark = pytest.mark.skipif(bool(matmul_cpu.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
+pytestmark = pytest.mark.skipif(bool(c_build.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
 
 # (out, in): the bundled 135M model's four projections and LM head, a wide-input projection, the tiny test models'.
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1152, 896), (128, 64), (32, 32)]
@@ -101,7 +101,7 @@ def test_a_build_without_amx_code_is_refused(tmp_path, monkeypatch) -> None:
 
 
 def test_a_cpu_without_amx_is_refused_before_building(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(matmul_cpu, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(c_build, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     with pytest.raises(c_build.KernelBuildError, match="amx_bf16, amx_tile"):
         matmul_cpu.load(directory=tmp_path)
     assert not list(tmp_path.iterdir())
