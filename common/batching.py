@@ -86,7 +86,7 @@ class DynamicBatcher(Generic[T, R]):
     max_batch_tokens: int = 16384
     max_queue_items: int = 4096
     # A model call's fixed cost, in padded tokens: all-MiniLM-L6-v2 in bf16 on 2 AMX cores takes about 12 ms for
-    # one short input, what about 250 tokens of a full batch take.
+    # one short input, the time a full batch spends on about 250 tokens.
     batch_overhead: int = 256
     metrics: BatcherMetrics | None = None
     _queue: deque[_Item] = field(default_factory=deque)
