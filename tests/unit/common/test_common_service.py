@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from common import service
 from common.errors import APIError, bad_request
 from common.health import Readiness
 from common.service import ModelCard, create_app, guarded
 from common.settings import ServiceSettings, settings_help
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class Body(BaseModel):
@@ -138,3 +147,31 @@ def test_settings_help_lists_env_vars_with_defaults() -> None:
     for line in ("DEMO_HOST", "DEMO_PORT", "DEMO_THRESHOLD", "API_KEY", "DEMO_MAX_BODY_BYTES"):
         assert line in text
     assert "[default: 0.5]" in text
+
+
+def run_demo_service(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]) -> dict[str, str | None]:
+    """`run_service` up to serving, with `environ` as the process environment; what the app builder saw."""
+    seen: dict[str, str | None] = {}
+
+    def builder():
+        seen["GOMP_SPINCOUNT"] = os.environ.get("GOMP_SPINCOUNT")
+        return lambda settings: FastAPI()
+
+    monkeypatch.setattr(os, "environ", environ)
+    monkeypatch.setattr(sys, "argv", ["demo"])
+    monkeypatch.setattr(service, "serve", lambda app, settings: None)
+    service.run_service(DemoSettings, "demo", builder)
+    return seen
+
+
+def test_openmp_threads_spin_briefly_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert run_demo_service(monkeypatch, dict(base)) == {"GOMP_SPINCOUNT": str(service.OPENMP_SPIN_COUNT)}
+    assert run_demo_service(monkeypatch, base | {"GOMP_SPINCOUNT": "300000"}) == {"GOMP_SPINCOUNT": "300000"}
+
+
+@pytest.mark.parametrize("name", ["llm", "embed", "rerank", "retriever"])
+def test_no_service_loads_torch_before_its_app_builder(name: str) -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: it must still be unloaded when run_service sets it."""
+    code = f"import sys, services.{name}.__main__; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
