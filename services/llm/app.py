@@ -84,6 +84,7 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           long_prefill_token_threshold=settings.long_prefill_token_threshold,
+                          max_prefill_tokens_per_step=settings.max_prefill_tokens_per_step,
                           max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
                           seed=settings.seed, enable_cuda_graphs=settings.cuda_graphs and not settings.enforce_eager,
                           speculative=speculative, max_loras=lora_slots(settings, lora_modules),

@@ -10,7 +10,11 @@ asks the proposer to fill it); what the target rejects is rolled back after the 
 
 While other sequences share the engine, one prefill chunk takes at most `long_prefill_token_threshold` tokens
 of a step (vLLM's knob of that name): a long prompt then advances a slice per step while decodes keep their
-steps short and waiting requests get admitted, instead of every step being that prompt's.
+steps short and waiting requests get admitted, instead of every step being that prompt's. All the step's
+prefill chunks together take at most `max_prefill_tokens_per_step` (TGI's `max_batch_prefill_tokens`; the
+hardware profile sets it for CPUs). A burst of new prompts is then prefilled a few per step: the first of them
+stream their first token after a short step instead of after one step that holds them all, and the running
+sequences decode between those steps. A sequence alone in the engine takes the whole `max_num_batched_tokens`.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0, speculative: SpeculativeConfig | None = None) -> None:
-        assert long_prefill_token_threshold >= 0
+                 long_prefill_token_threshold: int = 0, speculative: SpeculativeConfig | None = None,
+                 max_prefill_tokens_per_step: int = 0) -> None:
+        assert long_prefill_token_threshold >= 0 and max_prefill_tokens_per_step >= 0
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no cap
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step  # 0: no cap
         self.speculative = speculative or SpeculativeConfig()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -64,26 +70,34 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        preempted = self._schedule_running(batch, budget)
+        prefill_room = self._step_prefill_cap()
+        preempted, prefilled = self._schedule_running(batch, budget, prefill_room)
         budget -= sum(batch.num_new_tokens)
         # After a preemption there is no room to spare: admitting now would only preempt again.
         if not preempted:
-            self._admit_waiting(batch, budget)
+            self._admit_waiting(batch, budget, prefill_room - prefilled)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, prefill_room: int) -> tuple[bool, int]:
+        """Schedules the running sequences; returns whether one was preempted, and the prefill tokens taken."""
         manager = self.block_manager
         preempted = False
+        prefilled = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             wanted = seq.num_tokens - seq.num_computed_tokens
-            if wanted == 1:  # a decode: room behind its token for the drafts of speculative decoding
+            is_decode = wanted == 1
+            if is_decode:  # room behind its token for the drafts of speculative decoding
                 wanted += min(speculation_slots(self.speculative, seq, len(self.running)),
                               self._draft_room(seq, len(self.running) - i - 1))
+            elif prefilled >= prefill_room:  # this step's prefill tokens are spent: the chunk waits a step
+                i += 1
+                continue
             # A prefill chunk (or a decode's draft room) shrinks to the free blocks before anyone is preempted for it.
-            num_new = min(wanted, budget, self._chunk_cap(),
-                          max(manager.room_for(seq), 1))
+            num_new = min(wanted, budget, self._chunk_cap(), max(manager.room_for(seq), 1))
+            if not is_decode:
+                num_new = min(num_new, prefill_room - prefilled)
             while not manager.can_grow(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -94,15 +108,16 @@ class Scheduler:
                 manager.grow(seq, num_new)
                 batch.add(seq, num_new)
                 budget -= num_new
+                prefilled += 0 if is_decode else num_new
                 i += 1
-        return preempted
+        return preempted, prefilled
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, prefill_room: int) -> None:
         manager = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill_room) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = manager.prefix_match(seq)
-            num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget, self._chunk_cap(),
+            num_new = min(seq.num_tokens - len(cached) * manager.block_size, budget, prefill_room, self._chunk_cap(),
                           manager.room_after(cached))
             if num_new <= 0 or not manager.can_admit(cached, num_new):
                 break
@@ -114,6 +129,7 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+            prefill_room -= num_new
 
     def _draft_room(self, seq: Sequence, num_after: int) -> int:
         """Draft tokens a decode may reserve while a fresh block stays free for each running sequence after it:
@@ -124,9 +140,18 @@ class Scheduler:
 
     def _chunk_cap(self) -> int:
         """Most tokens one sequence may take this step: a sequence alone in the engine may take the whole budget."""
-        if self.long_prefill_token_threshold and len(self.running) + len(self.waiting) > 1:
+        if self.long_prefill_token_threshold and self._shared():
             return self.long_prefill_token_threshold
         return self.max_num_batched_tokens
+
+    def _step_prefill_cap(self) -> int:
+        """Most prefill tokens of all sequences together this step (a sequence alone: the whole budget)."""
+        if self.max_prefill_tokens_per_step and self._shared():
+            return self.max_prefill_tokens_per_step
+        return self.max_num_batched_tokens
+
+    def _shared(self) -> bool:
+        return len(self.running) + len(self.waiting) > 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
