@@ -5,8 +5,8 @@ kernels, bf16 where the GPU has it (compute capability ≥ 8.0, else fp16), CUDA
 CPU the torch path, in bf16 where the cores have bf16 matrix instructions (AMX or AVX512-BF16: oneDNN's bf16
 GEMMs are several times faster than fp32 there, and the weights take half the memory traffic), else fp32.
 The CPU profile also caps the prefill tokens of one step while several requests share the engine, so a burst of
-new prompts goes a few per step and the first of them stream sooner. A CPU's step time grows with its tokens
-almost in proportion, so the split costs little (measured below, at `CPU_MAX_PREFILL_TOKENS_PER_STEP`); a GPU
+new prompts goes a few per step and the first of them stream sooner. Smaller steps run the GEMMs less efficiently
+per token, but in serving that measured as a gain, not a cost (see `CPU_MAX_PREFILL_TOKENS_PER_STEP`); a GPU
 prefills a big chunk for little more than a small one, so its profile has no cap.
 Use it in the engine's start-up:
 

@@ -63,7 +63,7 @@ def test_a_burst_of_prompts_is_prefilled_a_few_per_step_while_decodes_run_every_
     # 20 prompt tokens a step, first come first served: the first prompt is done after one step and decodes from
     # the next; the second finishes its prompt in the second step; the decode never waits.
     assert steps == [{0: 1, 1: 12, 2: 8}, {0: 1, 1: 1, 2: 4, 3: 12}, {0: 1, 1: 1, 2: 1, 3: 1}]
-    assert all(sum(n for seq_id, n in step.items() if n > 1) <= 20 for step in steps)
+    assert all(sum(n for n in step.values() if n > 1) <= 20 for step in steps)
 
 
 def test_a_prefill_that_finds_the_steps_prompt_tokens_spent_waits_without_losing_its_place() -> None:
