@@ -16,12 +16,21 @@ covers that shape's kernels.) Then:
    the same prompts: start-up, output tokens per second, the KV pool's capacity and gain over bf16, and the
    share of its first tokens equal to the bf16 engine's (skipped, and said so, below compute capability 8.9);
 3. server: `python -m services.llm` over the same directory, ready probe, a chat completion, a streamed
-   completion and `/v1/models`, then SIGTERM.
+   completion and `/v1/models`, then SIGTERM;
+4. decode: batch-1 greedy decode with CUDA graphs on and off, tokens per second against the bandwidth limit:
+   the device's measured copy bandwidth over the bytes one token must read (every weight but the input
+   embedding table, of which one row is read, plus the KV cache at the mean context). The time per token is
+   the difference between a long and a short generation of the same prompt over their difference in tokens,
+   so prefill and per-request costs cancel out.
 
-Writes OUT/smoke.json and OUT/server.log; exits 1 when a step fails. `--tiny` runs the same steps on the CPU
-with a tiny shape (what `gpu_check.sh` does without a GPU, to prove the script itself).
+`--steps` picks the steps (the model is always built first): `gpu_check.sh` runs the default four on a
+4-layer model, then `decode` alone on the full 32-layer shape (16 GB of weights) when time is left.
+
+Writes OUT/smoke.json (`--report`) and OUT/server.log; exits 1 when a step fails. `--tiny` runs the same steps on
+the CPU with a tiny shape (what `gpu_check.sh` does without a GPU, to prove the script itself).
 
     python bench/gpu_smoke.py --out OUT [--layers 4]
+    python bench/gpu_smoke.py --out OUT --layers 32 --steps decode --report decode-32.json
     python bench/gpu_smoke.py --out OUT --tiny
 """
 
@@ -157,6 +166,50 @@ def fp8_step(model_dir: Path, device: str, shape: dict[str, Any], baseline: dict
     return result
 
 
+def decode_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str, Any]:
+    """Batch-1 greedy decode with CUDA graphs on and off, against the bandwidth limit (module docstring, 4)."""
+    from bench.kernels import Timer, copy_bandwidth
+    from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
+
+    dev = torch.device(device)
+    copy_bw = copy_bandwidth(dev, Timer(dev, repeats=10), 2 * 2**30 if device == "cuda" else 64 * 2**20)
+    prompt_tokens, short, long = (128, 32, 288) if device == "cuda" else (16, 4, 12)
+    [prompt] = prompts(1, prompt_tokens, shape["vocab_size"])
+    result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "output_tokens": [short, long],
+                              "copy_bandwidth_gb_per_s": round(copy_bw / 1e9, 1)}
+    for graphs in ((True, False) if device == "cuda" else (False,)):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, enable_cuda_graphs=graphs))
+        c = engine.runner.config  # bytes from the shape: the CPU path repacks its weights
+        attention = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # q, k, v and o
+        layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size  # + the two norms
+        # Every layer, the final norm and the output projection (tied or not); of the embedding table, one row.
+        weight_bytes = (c.num_layers * layer + c.hidden_size + c.vocab_size * c.hidden_size) * engine.dtype.itemsize
+        kv_element = engine.runner.kv_cache[0][0].element_size()
+        mean_context = prompt_tokens + (short + long) / 2
+        bytes_per_token = weight_bytes + 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_element * mean_context
+        engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        seconds = {}
+        for tokens in (short, long):
+            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+            runs = []
+            for _ in range(3):
+                started = time.perf_counter()
+                [output] = engine.generate([prompt], params, use_tqdm=False)
+                runs.append(time.perf_counter() - started)
+                assert len(output.outputs[0].token_ids) == tokens, "a completion came back short"
+            seconds[tokens] = min(runs)
+        per_token = (seconds[long] - seconds[short]) / (long - short)
+        limit = copy_bw / bytes_per_token
+        result["graphs" if graphs else "eager"] = {
+            "ms_per_token": round(per_token * 1e3, 3), "tokens_per_s": round(1 / per_token, 1),
+            "limit_tokens_per_s": round(limit, 1), "pct_of_limit": round(100 / per_token / limit, 1),
+            "bytes_per_token_gb": round(bytes_per_token / 1e9, 3), "best_of_3_seconds": seconds}
+        del engine
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -228,6 +281,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random model (default 4)")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (the dry run without a GPU)")
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds the server gets to become ready")
+    parser.add_argument("--steps", default="engine,fp8,server,decode",
+                        help="comma-separated steps after building the model (default: all four)")
+    parser.add_argument("--report", default="smoke.json", help="the report's file name under --out")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: use --tiny for the CPU dry run")
@@ -239,8 +295,13 @@ def main() -> int:
         steps = [("model", lambda: {"dir": str(save_random_model(Path(tmp) / "model", shape, args.layers, device))}),
                  ("engine", lambda: engine_step(Path(tmp) / "model", device, shape)),
                  ("fp8", lambda: fp8_step(Path(tmp) / "model", device, shape, report["steps"].get("engine", {}))),
-                 ("server", lambda: server_step(Path(tmp) / "model", device, args.out, args.ready_timeout))]
-        for name, step in steps:
+                 ("server", lambda: server_step(Path(tmp) / "model", device, args.out, args.ready_timeout)),
+                 ("decode", lambda: decode_step(Path(tmp) / "model", device, shape))]
+        wanted = {"model", *args.steps.split(",")}
+        unknown = wanted - {name for name, _ in steps}
+        if unknown:
+            parser.error(f"unknown steps: {', '.join(sorted(unknown))}")
+        for name, step in [(name, step) for name, step in steps if name in wanted]:
             started = time.perf_counter()
             try:
                 report["steps"][name] = {"ok": True, **step()}
@@ -252,7 +313,7 @@ def main() -> int:
                   f"({report['steps'][name]['seconds']}s)", flush=True)
             if name == "model" and not report["steps"][name]["ok"]:
                 break
-    (args.out / "smoke.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str))
     return 0 if all(step["ok"] for step in report["steps"].values()) else 1
 

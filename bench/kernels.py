@@ -353,7 +353,9 @@ def main() -> None:
     else:
         dtype, heads = torch.bfloat16, (32, 8, 128)
         copy_bw = copy_bandwidth(device, timer, 2 * 2**30)
-        decode_cases = [(64, 4096), (8, 4096), (1, 32768), (256, 1024)]
+        # Batch 1/16/64 at 1k/4k/16k-token contexts, a long single context and a wide batch of short ones.
+        decode_cases = [(batch, context) for batch in (1, 16, 64) for context in (1024, 4096, 16384)]
+        decode_cases += [(1, 32768), (256, 1024)]
         prefill_cases = [(4, 2048), (1, 8192)]
         elementwise = {"tokens": 8192, "hidden": 4096, "intermediate": 14336}
         gemm_shapes, gemm_rows = [("qkv", 6144, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)], [1, 16, 256,
