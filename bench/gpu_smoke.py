@@ -37,7 +37,9 @@ the CPU with a tiny shape (what `gpu_check.sh` does without a GPU, to prove the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -75,6 +77,7 @@ def save_random_model(directory: Path, shape: dict[str, Any], layers: int, devic
         torch.set_default_dtype(previous)
     model.save_pretrained(directory, safe_serialization=True)
     del model
+    release_device_memory()
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {f"w{i}": i for i in range(4, shape["vocab_size"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -88,6 +91,13 @@ def save_random_model(directory: Path, shape: dict[str, Any], layers: int, devic
 def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     return torch.randint(4, vocab, (count, length), generator=gen).tolist()
+
+
+def release_device_memory() -> None:
+    """Frees what a deleted engine held: its parts refer to each other, so only the cycle collector frees them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 FIRST_TOKENS = 8  # of each of the first 8 completions, kept in the report to compare the fp8 engine's with
@@ -125,14 +135,14 @@ def engine_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
     result["generate"] = {"prompts": batch, "prompt_tokens": length, "output_tokens": new,
                           "seconds": round(seconds, 2), "output_tokens_per_s": round(batch * new / seconds, 1)}
     del engine, outputs
+    release_device_memory()
     if device == "cuda":
-        torch.cuda.empty_cache()
         eager = LLMEngine(EngineConfig(model=str(model_dir), device=device, enable_cuda_graphs=False))
         eager_tokens = [o.outputs[0].token_ids for o in eager.generate(work[:8], params, use_tqdm=False)]
         same = sum(a == b for x, y in zip(graph_tokens, eager_tokens, strict=True) for a, b in zip(x, y, strict=True))
         result["graphs_vs_eager_equal_tokens"] = f"{same}/{8 * new}"
         del eager
-        torch.cuda.empty_cache()
+        release_device_memory()
     return result
 
 
@@ -161,8 +171,7 @@ def fp8_step(model_dir: Path, device: str, shape: dict[str, Any], baseline: dict
         same = sum(a == b for a, b in zip(ours, baseline["first_tokens"], strict=True))
         result["prompts_with_the_model_dtype_first_tokens"] = f"{same}/{len(ours)} (first {FIRST_TOKENS} tokens)"
     del engine, outputs
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release_device_memory()
     return result
 
 
@@ -205,8 +214,7 @@ def decode_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
             "limit_tokens_per_s": round(limit, 1), "pct_of_limit": round(100 / per_token / limit, 1),
             "bytes_per_token_gb": round(bytes_per_token / 1e9, 3), "best_of_3_seconds": seconds}
         del engine
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_device_memory()
     return result
 
 
@@ -285,6 +293,8 @@ def main() -> int:
                         help="comma-separated steps after building the model (default: all four)")
     parser.add_argument("--report", default="smoke.json", help="the report's file name under --out")
     args = parser.parse_args()
+    # The engine's start-up log (hardware profile, warm-up peak, KV budget) goes with the report.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: use --tiny for the CPU dry run")
     device, shape = ("cpu", TINY) if args.tiny else ("cuda", LLAMA3_8B)

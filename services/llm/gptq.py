@@ -35,7 +35,7 @@ def gptq_round(scaled: torch.Tensor, hessian: torch.Tensor,
     rounded = torch.empty_like(w)
     for start in range(0, n, BLOCK):
         end = min(start + BLOCK, n)
-        block, errors = w[:, start:end], torch.empty(w.shape[0], end - start)
+        block, errors = w[:, start:end], torch.empty(w.shape[0], end - start, device=w.device)
         for i in range(end - start):
             column = start + i
             rounded[:, column] = round_to_grid(block[:, i])

@@ -4,7 +4,8 @@ The same schedule shapes as the interpreter test (`tests/unit/llm/engine_scenari
 with split decode, chunked prefill mixed with decodes, prefix-cache hit, preemption, n > 1) on the same tiny
 random models, now on CUDA: with decode CUDA graphs and without, fp32 (exact) and bf16 (mostly equal: the two
 paths round differently). Each configuration is its own process, since `LLM_DISABLE_TRITON` is read once per
-process. A last run lets the engine size its KV pool from the GPU's memory (warm-up step, memory share).
+process. Two last runs let the engine size its KV pool from the GPU's memory (warm-up step, memory share), once
+alone and once as the second engine of a process.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ engine = LLMEngine(EngineConfig(model=sys.argv[1], device="cuda", gpu_memory_uti
 free, total = torch.cuda.mem_get_info()
 print(json.dumps({"blocks": engine.block_manager.num_blocks, "pool_bytes": sum(k.numel() * k.element_size() * 2
                   for k, _ in engine.runner.kv_cache), "total": total, "allocated": torch.cuda.memory_allocated()}))
+"""
+
+TWO_ENGINES = """
+import json, sys
+from services.llm.engine import EngineConfig, LLMEngine
+first = LLMEngine(EngineConfig(model=sys.argv[1], device="cuda", gpu_memory_utilization=0.25))
+second = LLMEngine(EngineConfig(model=sys.argv[1], device="cuda", gpu_memory_utilization=0.25))
+print(json.dumps({"first": first.block_manager.num_blocks, "second": second.block_manager.num_blocks}))
 """
 
 
@@ -90,6 +99,12 @@ def test_kv_pool_sized_from_the_memory_share(models: Path) -> None:
     assert sized["allocated"] <= 0.5 * sized["total"]  # weights + pool + graphs stay within the share
 
 
+def test_a_second_engine_in_the_process_gets_its_own_share(models: Path) -> None:
+    """The share counts the engine's own weights and step, not what its process held before it began."""
+    sized = _python(TWO_ENGINES, str(models / "llama"))
+    assert sized["second"] >= 0.95 * sized["first"] > 1000, sized
+
+
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q4_K_M"])
 def test_gguf_blocks_on_gpu_give_the_dequantized_tokens(tmp_path: Path, fmt: str) -> None:
     """`LLM_GGUF_WEIGHTS=auto` keeps a GGUF's projections in their blocks on CUDA; fp32 greedy tokens equal the
@@ -112,7 +127,8 @@ def test_gguf_blocks_on_gpu_give_the_dequantized_tokens(tmp_path: Path, fmt: str
     params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0.0)
     tokens = {}
     for weights in ("auto", "dequantize"):
-        engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float32", gguf_weights=weights))
+        engine = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="float32", gguf_weights=weights,
+                                        num_kv_blocks=256))  # a small pool: other test files run beside this one
         counts = block_format_counts(engine.runner.model)
         assert counts == (blocks if weights == "auto" else {})
         tokens[weights] = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]

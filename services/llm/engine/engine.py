@@ -114,6 +114,9 @@ class LLMEngine:
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self._check_fp8_support()
         self.block_size = config.block_size or self.hardware.kv_block_size
+        # What the process held on the device before this engine began (another engine, the caller's tensors) is
+        # not this engine's: the memory share counts only its own weights and step (see `_gpu_kv_budget`).
+        self._device_memory_before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         loaded = load_model(config.model, self.device, self.dtype, config.quantization,
                             pack_cpu_weights=config.cpu_weight_packing, gguf_weights=config.gguf_weights)
         self.loras: LoRAAdapters | None = None
@@ -567,6 +570,8 @@ class LLMEngine:
         peak, held = warm_up_peak_bytes(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                         min(self.max_model_len, self.config.max_num_batched_tokens),
                                         self.config.max_num_seqs, self.kv_dtype)
+        before = self._device_memory_before  # held by others in this process: in `free`, not in the share
+        peak, held = max(0, peak - before), max(0, held - before)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = plan_kv_budget(total, free, self.config.gpu_memory_utilization, peak, held)
         log.info("KV cache budget %.2f GiB (limited by the %s; GPU %.1f GiB, %.1f GiB free, share %.2f)",

@@ -26,7 +26,8 @@ class KVBudget:
 
 def plan_kv_budget(total: int, free: int, share: float, peak: int, held: int) -> KVBudget:
     """`total`/`free`: the card's memory and what is free now; `peak`: the engine's allocated bytes at the
-    warm-up step's peak (weights included); `held`: what it still holds after the step (the weights)."""
+    warm-up step's peak (weights included); `held`: what it still holds after the step (the weights). Both are the
+    engine's own: what its process held before it began (another engine) counts against `free` only."""
     transient = max(0, peak - held)
     by_share = int(total * share) - peak - OVERHEAD_BYTES
     by_free = free - transient - OVERHEAD_BYTES
