@@ -72,7 +72,8 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens
     results = []
     with torch.inference_mode():
         for prompt in prompts:
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=3)
             results.append(out[0, len(prompt):].tolist())
     return results
