@@ -54,7 +54,8 @@ def run_kernel(kernel: DecodeKernel, q: torch.Tensor, k_cache: torch.Tensor, v_c
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2)])
+# Query heads per KV head 1, 3, 4, 8 and 16: the values are summed in 4, 4, 4, 2 and 1 slices of 16 at a time.
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (9, 3), (8, 2), (16, 2), (16, 1)])
 def test_fp32_matches_oracle(kernel: DecodeKernel, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     q, k_cache, v_cache, tables = decode_inputs(num_heads, num_kv_heads, head_dim, torch.float32)
     got = run_kernel(kernel, q, k_cache, v_cache, tables, head_dim ** -0.5)
