@@ -165,6 +165,7 @@ def test_page_is_served_with_a_strict_policy(stack: dict[str, ServiceProcess]) -
 
 
 def test_scenario(page: Page, stack: dict[str, ServiceProcess], upload_files: dict[str, Path]) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.keys import Keys
 
     # 0. The server has an API key: the page asks for it, refuses a wrong one, keeps the right one per tab only.
@@ -310,7 +311,13 @@ def test_scenario(page: Page, stack: dict[str, ServiceProcess], upload_files: di
     page.shot("6-deleted")
 
     # 6. Stop the llm: the status turns red and a banner names it; an answer now fails, naming it too.
-    assert not page.find("#banner").is_displayed()
+    # First, no banner while everything is up. A status poll that lands while the llm is busy on the 2-core CI
+    # machine was seen once to show one for a moment (1 run of 5), so the precondition is waited for, and a banner
+    # that stays is reported with its text.
+    try:
+        page.until(lambda: not page.find("#banner").is_displayed(), timeout=20)
+    except TimeoutException:
+        pytest.fail(f"a banner while every service is up: {page.find('#banner').text!r}")
     stack["llm"].stop()
     page.until(lambda: page.find("#banner").is_displayed() and "llm is down" in page.find("#banner").text,
                timeout=60, message="no banner for the stopped llm")
