@@ -179,6 +179,7 @@ def decode_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
     """Batch-1 greedy decode with CUDA graphs on and off, against the bandwidth limit (module docstring, 4)."""
     from bench.kernels import Timer, copy_bandwidth
     from services.llm.engine import EngineConfig, LLMEngine, SamplingParams
+    from services.llm.engine.runner import kv_bytes_per_block
 
     dev = torch.device(device)
     copy_bw = copy_bandwidth(dev, Timer(dev, repeats=10), 2 * 2**30 if device == "cuda" else 64 * 2**20)
@@ -193,9 +194,8 @@ def decode_step(model_dir: Path, device: str, shape: dict[str, Any]) -> dict[str
         layer = attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size  # + the two norms
         # Every layer, the final norm and the output projection (tied or not); of the embedding table, one row.
         weight_bytes = (c.num_layers * layer + c.hidden_size + c.vocab_size * c.hidden_size) * engine.dtype.itemsize
-        kv_element = engine.runner.kv_cache[0][0].element_size()
         mean_context = prompt_tokens + (short + long) / 2
-        bytes_per_token = weight_bytes + 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_element * mean_context
+        bytes_per_token = weight_bytes + kv_bytes_per_block(c, 1, engine.kv_dtype) * mean_context  # KV of one token
         engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
         seconds = {}
         for tokens in (short, long):
