@@ -71,10 +71,11 @@ class LLMSettings(ServiceSettings):
                               "steps (128 tokens and more) are compiled by torch.compile (inductor) at start-up: "
                               "about a fifth less CPU per prefill; needs a C++ compiler (without one they stay "
                               "eager, with a warning)")
-    cpu_attention: str = Field("auto", description="CPU decode attention: kernel (a C kernel that reads the paged "
-                                "KV cache in place, built with the system C compiler at first start; fails "
-                                "without one), torch (gathers each step's blocks, then SDPA), or auto (the kernel "
-                                "where it builds, else torch with a warning)")
+    cpu_attention: str = Field("auto", description="CPU attention: kernel (C kernels that read the paged KV cache "
+                                "in place, for decodes, and for bf16 prefills on AVX512-BF16; built with the "
+                                "system C compiler at first start; fails without one), torch (gathers each step's "
+                                "blocks, then SDPA), or auto (the kernels where they build, else torch with a "
+                                "warning)")
     cpu_elementwise: str = Field("auto", description="CPU steps under 128 tokens (decodes): RMSNorm with its "
                                   "residual add, rotary and SiLU-and-mul as one C call each, bit for bit the eager "
                                   "torch ops; kernel (built with the system C compiler at first start; fails "

@@ -71,7 +71,7 @@ class EngineConfig:
     cpu_weight_packing: bool = True  # CPU bf16: linear weights in oneDNN's packed layout (same outputs, faster)
     gguf_weights: str = "auto"  # a .gguf's Q8_0/Q4_*/Q6_K projections: native (blocks), dequantize, or auto
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
-    cpu_attention: str = "auto"  # CPU decode attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
+    cpu_attention: str = "auto"  # CPU attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
     cpu_elementwise: str = "auto"  # CPU steps under cpu_compiled.MIN_ROWS: norms, rotary, SiLU in C (elementwise_cpu)
     cpu_matmul: str = "auto"  # CPU steps of up to 32 tokens: packed bf16 linears on AMX (kernels/matmul_cpu)
 
@@ -144,9 +144,11 @@ class LLMEngine:
                                    self.hardware.max_prefill_tokens_per_step if prefill_cap is None else prefill_cap)
         proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks)
+        attention_kernel = self._cpu_attention_kernel(loaded.config)
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided,
-                                  self.kv_dtype, self._cpu_attention_kernel(loaded.config))
+                                  self.kv_dtype, attention_kernel,
+                                  self._cpu_prefill_kernel(attention_kernel, loaded.config))
         # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
                 and self.loras is None:
@@ -506,6 +508,17 @@ class LLMEngine:
             return None
         log.info("CPU decode attention: C kernel over the paged cache (kernels/paged_attention_cpu)")
         return kernel
+
+    def _cpu_prefill_kernel(self, kernel: paged_attention_cpu.DecodeKernel | None,
+                            model: ModelConfig) -> paged_attention_cpu.PrefillKernel | None:
+        """The C prefill attention kernel beside the decode kernel, where it was built (AVX512-BF16) and takes the
+        engine's dtypes (bf16 model and cache) and head size; elsewhere prefills attend with torch's SDPA."""
+        prefill = kernel.prefill if kernel is not None else None
+        if prefill is None or not prefill.supports(self.dtype, self.kv_dtype, model.num_heads, model.num_kv_heads,
+                                                   model.head_dim):
+            return None
+        log.info("CPU prefill attention: C kernel over the paged cache, bf16 (kernels/paged_attention_cpu)")
+        return prefill
 
     def _max_model_len(self, loaded: LoadedModel) -> int:
         limit = loaded.config.max_position_embeddings

@@ -24,7 +24,7 @@ from services.llm.guided import GuidedDecoder
 from services.llm.kernels.attention_cpu import plan_cpu_attention
 from services.llm.kernels.dispatch import use_triton_on
 from services.llm.kernels.kv_store import FP8_KV_DTYPE, fp8_kv_scale
-from services.llm.kernels.paged_attention_cpu import DecodeKernel
+from services.llm.kernels.paged_attention_cpu import DecodeKernel, PrefillKernel
 from services.llm.layers.attention import AttentionMetadata
 from services.llm.layers.lora import LoRABatch
 from services.llm.layers.sampler import LogitsMask, Sampler, SamplingRow
@@ -59,10 +59,10 @@ class PackedStep:
 
 def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists: list[list[int]], block_size: int,
               kv_bytes_per_token: int, device: torch.device, attention_kernel: DecodeKernel | None = None,
-              ) -> PackedStep:
+              prefill_kernel: PrefillKernel | None = None) -> PackedStep:
     """A step's model inputs: sequence i feeds `token_lists[i]` at positions from `starts[i]` on, its keys and
-    values going to the blocks of `block_table_lists[i]`. Built with a handful of tensor ops. `attention_kernel`:
-    the CPU decode attention kernel, if the engine has one."""
+    values going to the blocks of `block_table_lists[i]`. Built with a handful of tensor ops. `attention_kernel`
+    and `prefill_kernel`: the CPU decode and prefill attention kernels, if the engine has them."""
     tokens = [token for token_list in token_lists for token in token_list]
     batch = len(token_lists)
     num_new = torch.tensor([len(token_list) for token_list in token_lists], dtype=torch.int32)
@@ -84,7 +84,7 @@ def pack_step(token_lists: list[list[int]], starts: list[int], block_table_lists
     cpu_plan = None
     if device.type == "cpu" and not use_triton_on(device):  # the interpreter tests route CPU to Triton
         cpu_plan = plan_cpu_attention(num_new.tolist(), seq_lens.tolist(), block_tables, slot_mapping, block_size,
-                                      kv_bytes_per_token, attention_kernel)
+                                      kv_bytes_per_token, attention_kernel, prefill_kernel)
     meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
                              cu_seqlens_q=cu_seqlens.to(device), seq_lens=seq_lens.to(device),
                              decode_only=decode_only, max_query_len=max(len(t) for t in token_lists),
@@ -139,9 +139,9 @@ class ModelRunner:
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
                  proposer: Proposer | None = None, lora_batch: LoRABatch | None = None,
                  guided: GuidedDecoder | None = None, kv_dtype: torch.dtype | None = None,
-                 attention_kernel: DecodeKernel | None = None) -> None:
-        """`kv_dtype`: the KV pool's element type (None: the model's `dtype`); `attention_kernel`: CPU decodes
-        attend in this C kernel (None: the torch path)."""
+                 attention_kernel: DecodeKernel | None = None, prefill_kernel: PrefillKernel | None = None) -> None:
+        """`kv_dtype`: the KV pool's element type (None: the model's `dtype`); `attention_kernel` and
+        `prefill_kernel`: CPU decodes and prefills attend in these C kernels (None: the torch path)."""
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         self.kv_dtype = kv_dtype or dtype
@@ -156,6 +156,7 @@ class ModelRunner:
         self.proposer = proposer
         self.lora_batch = lora_batch  # the LoRA layers' step mapping, when the model has them
         self.attention_kernel = attention_kernel
+        self.prefill_kernel = prefill_kernel
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """CUDA only, after the KV pool exists: decode-only steps of up to `max_batch` sequences replay graphs."""
@@ -261,7 +262,7 @@ class ModelRunner:
             token_lists.append(tokens + drafts[i] if drafts is not None and i in drafts else tokens)
         packed = pack_step(token_lists, [seq.num_computed_tokens for seq in batch.seqs],
                            [seq.block_table for seq in batch.seqs], self.block_size, self.kv_bytes_per_token,
-                           self.device, self.attention_kernel)
+                           self.device, self.attention_kernel, self.prefill_kernel)
         if self.lora_batch is not None:
             self._bind_loras(batch.seqs, [len(tokens) for tokens in token_lists])
         step = StepOutput(num_computed=[len(tokens) for tokens in token_lists])

@@ -6,9 +6,11 @@ step by `plan_cpu_attention`, from the host-side lists the runner already has, s
 syncs and no index arithmetic. Per layer, `cpu_paged_attention`:
 - stores the step's keys and values into their cache slots (`index_copy_`, no masking: CPU steps have no
   padding rows), cast to the cache's dtype (fp8 for `LLM_KV_CACHE_DTYPE=fp8`);
-- whole-prompt prefills attend over the layer's fresh keys and values, as cast for the cache: they are the
-  cache's contents for those tokens, so they are read in place (no gather from the pool);
-- prefix-cache extensions and later prefill chunks gather their sequence's blocks once;
+- prefills (whole prompts, prefix-cache extensions, later chunks) run in the C prefill kernel of
+  `paged_attention_cpu` where the engine has it (bf16 on AVX512-BF16): each reads its blocks in place and
+  attends causally from its first new token's position. Otherwise whole prompts attend over the layer's
+  fresh keys and values with SDPA, as cast for the cache (they are the cache's contents for those tokens, so
+  they are read in place), and extensions and later chunks gather their sequence's blocks once;
 - decodes run in the C kernel of `paged_attention_cpu` when the engine has it (each row's blocks read in
   place, no copy); otherwise in groups of similar length, each padded only to its own longest and gathered
   with one `index_select` into a buffer small enough to stay in cache. With the kernel, extensions of up to
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from services.llm.kernels.kv_store import to_cache_dtype
-from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes
+from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes, KernelPrefills, PrefillKernel
 
 # Decode groups are cut so one group's gathered keys and values stay within this (about the L2 cache).
 DECODE_GROUP_BYTES = 2 * 2**20
@@ -63,14 +65,20 @@ class CpuAttentionPlan:
     prefills: list[PrefillSequence] = field(default_factory=list)
     kernel: DecodeKernel | None = None  # the decodes run in the C kernel, from `kernel_decodes`
     kernel_decodes: KernelDecodes | None = None
+    prefill_kernel: PrefillKernel | None = None  # the prefills run in the C prefill kernel, from `kernel_prefills`
+    kernel_prefills: KernelPrefills | None = None
 
 
 def plan_cpu_attention(num_new_tokens: list[int], seq_lens: list[int], block_tables: torch.Tensor,
                        slot_mapping: torch.Tensor, block_size: int, kv_bytes_per_token: int,
-                       kernel: DecodeKernel | None = None) -> CpuAttentionPlan:
+                       kernel: DecodeKernel | None = None,
+                       prefill_kernel: PrefillKernel | None = None) -> CpuAttentionPlan:
     """The step's attention plan. `kv_bytes_per_token`: one layer's key plus value bytes for one token;
-    `kernel`: the decode kernel, where the engine has one for its dtypes and shapes (None: the torch path)."""
-    plan = CpuAttentionPlan(slots=slot_mapping, kernel=kernel)
+    `kernel` and `prefill_kernel`: the decode and prefill kernels, where the engine has them for its dtypes and
+    shapes (None: the torch path)."""
+    plan = CpuAttentionPlan(slots=slot_mapping, kernel=kernel, prefill_kernel=prefill_kernel)
+    prefill_seqs: list[int] = []
+    prefill_starts: list[int] = []
     decode_seqs: list[int] = []
     decode_rows: list[int] = []  # where each decode's query sits among the step's tokens
     decode_lens: list[int] = []  # the tokens it attends to
@@ -80,9 +88,18 @@ def plan_cpu_attention(num_new_tokens: list[int], seq_lens: list[int], block_tab
             decode_seqs += [b] * q_len
             decode_rows += range(q_start, q_start + q_len)
             decode_lens += range(seq_len - q_len + 1, seq_len + 1)
+        elif q_len > 1 and prefill_kernel is not None:
+            prefill_seqs.append(b)
+            prefill_starts.append(q_start)
         elif q_len > 1:
             plan.prefills.append(_plan_prefill(q_start, q_len, seq_len, block_tables[b], block_size))
         q_start += q_len
+    if prefill_seqs:
+        plan.kernel_prefills = KernelPrefills(
+            q_starts=torch.tensor(prefill_starts, dtype=torch.long),
+            q_lens=torch.tensor([num_new_tokens[b] for b in prefill_seqs], dtype=torch.int32),
+            seq_lens=torch.tensor([seq_lens[b] for b in prefill_seqs], dtype=torch.int32),
+            block_tables=block_tables[prefill_seqs].to(torch.int32).contiguous())
     if decode_seqs and kernel is not None:
         tables = block_tables if decode_seqs == list(range(len(seq_lens))) else block_tables[decode_seqs]
         plan.kernel_decodes = KernelDecodes(rows=torch.tensor(decode_rows, dtype=torch.long),
@@ -142,6 +159,8 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     out = torch.empty_like(q)
     for prefill in plan.prefills:
         _prefill(q, k, v, k_cache, v_cache, prefill, scale, out)
+    if plan.kernel_prefills is not None:
+        plan.prefill_kernel(q, k_cache, v_cache, plan.kernel_prefills, scale, out)
     if plan.kernel_decodes is not None:
         plan.kernel(q, k_cache, v_cache, plan.kernel_decodes, scale, out)
     for group in plan.decodes:

@@ -10,6 +10,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -354,4 +355,288 @@ int paged_decode_attention(const void *q, int64_t q_row_stride, void *out, int64
                        head_dim, scale);
     }
     return 0;
+}
+
+/* ---- Prefill: a sequence's new tokens attend causally over its whole paged history, in tiles (bf16) ----
+
+   For each (sequence, KV head) the keys and values are first packed out of the cache into the pair-interleaved
+   layouts _mm512_dpbf16_ps reads (two bf16 of the summed dimension side by side in each 32-bit lane):
+     keys, in groups of 16 tokens: for each pair of dimensions p, the 16 tokens' (d 2p, d 2p+1);
+     values, in pairs of tokens: for each dimension d, (token 2j, token 2j+1).
+   Then each tile of query positions (times the group of query heads that share the KV head) is one job:
+   scores = q · k for every key up to the tile's last position (a small GEMM, 4 rows x 64 keys per register block),
+   a softmax per row over that row's causal span in fp32, the weights rounded to bf16 (as torch's CPU flash
+   attention rounds them before its second GEMM), and p · v (4 rows x 64 dimensions per block), divided by the
+   row's sum and written once in bf16. Products are exact and summed in fp32. Only bf16 queries and caches take this
+   path, and only where the compiler has AVX512-BF16; paged_prefill_available() says whether it was built. */
+
+#if defined(__AVX512BF16__)
+#define PREFILL_ROWS 48     /* query rows (positions x query heads of one KV head) per job */
+#define QK_ROWS 4           /* rows per score register block */
+#define QK_GROUPS 4         /* groups of 16 keys per score register block */
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* Packs one KV head's first seq_len keys and values (zero past seq_len) from the paged cache. */
+static void pack_kv_head(const uint16_t *k_cache, const uint16_t *v_cache, int block_size, const int32_t *table,
+                         int seq_len, int64_t head_offset, int64_t token_stride, int head_dim, uint16_t *keys,
+                         uint16_t *values) {
+    const int pairs = head_dim / 2;
+    const int key_groups = (int)round_up(seq_len, 16) / 16;
+    memset(keys, 0, (size_t)key_groups * 16 * head_dim * 2);
+    memset(values, 0, (size_t)round_up(seq_len, 2) * head_dim * 2);
+    for (int t = 0; t < seq_len; t++) {
+        const int64_t at = (int64_t)table[t / block_size] * block_size * token_stride
+                           + (int64_t)(t % block_size) * token_stride + head_offset;
+        const uint16_t *k = k_cache + at, *v = v_cache + at;
+        uint16_t *key_group = keys + (int64_t)(t / 16) * 16 * head_dim + (t % 16) * 2;
+        for (int p = 0; p < pairs; p++) {
+            key_group[p * 32] = k[2 * p];
+            key_group[p * 32 + 1] = k[2 * p + 1];
+        }
+        uint16_t *value_pair = values + (int64_t)(t / 2) * 2 * head_dim + (t % 2);
+        for (int d = 0; d < head_dim; d++) value_pair[2 * d] = v[d];
+    }
+}
+
+/* scores[r][16 g + j] = scale * (row r's query · key 16 g + j), for QK_ROWS rows and `groups` (<= QK_GROUPS) key
+   groups from `first_group`. */
+static inline __attribute__((always_inline)) void score_block(const uint16_t *const *rows, const uint16_t *keys,
+                                                              int first_group, int groups, int pairs, float scale,
+                                                              float *const *scores) {
+    __m512 acc[QK_ROWS][QK_GROUPS];
+    for (int r = 0; r < QK_ROWS; r++)
+        for (int g = 0; g < QK_GROUPS; g++) acc[r][g] = _mm512_setzero_ps();
+    const uint16_t *group_keys = keys + (int64_t)first_group * 32 * pairs;
+    for (int p = 0; p < pairs; p++) {
+        __m512i k[QK_GROUPS];
+        for (int g = 0; g < QK_GROUPS; g++)
+            k[g] = g < groups ? _mm512_loadu_si512(group_keys + ((int64_t)g * pairs + p) * 32) : _mm512_setzero_si512();
+        for (int r = 0; r < QK_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, rows[r] + 2 * p, 4);
+            const __m512bh q = (__m512bh)_mm512_set1_epi32(pair);
+            for (int g = 0; g < QK_GROUPS; g++)
+                if (g < groups) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], q, (__m512bh)k[g]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int r = 0; r < QK_ROWS; r++)
+        for (int g = 0; g < QK_GROUPS; g++)
+            if (g < groups) _mm512_storeu_ps(scores[r] + 16 * (first_group + g), _mm512_mul_ps(acc[r][g], s));
+}
+
+/* Softmax of s[0:valid] (fp32), written as bf16 weights w[0:width] (zero past valid); returns the fp32 sum. */
+static float softmax_row(const float *s, int valid, int width, uint16_t *w) {
+    __m512 maxes = _mm512_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 16 <= valid; t += 16) maxes = _mm512_max_ps(maxes, _mm512_loadu_ps(s + t));
+    if (t < valid)
+        maxes = _mm512_mask_max_ps(maxes, (__mmask16)((1u << (valid - t)) - 1), maxes, _mm512_loadu_ps(s + t));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(maxes));
+    __m512 sums = _mm512_setzero_ps();
+    for (t = 0; t < width; t += 16) {
+        const int n = width - t < 16 ? width - t : 16;
+        const __mmask16 live = valid - t >= 16 ? (__mmask16)0xffff
+                               : valid > t ? (__mmask16)((1u << (valid - t)) - 1) : (__mmask16)0;
+        const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t),
+                                                                                  max)));
+        sums = _mm512_add_ps(sums, p);
+        __m512i bits = _mm512_castps_si512(p);  /* round to nearest even, as torch's cast */
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        _mm256_mask_storeu_epi16(w + t, (__mmask16)((1u << n) - 1), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    }
+    return _mm512_reduce_add_ps(sums);
+}
+
+/* out rows = (weights · values) / sums for `rows` rows and `chunks` 16-wide slices of the head (both compile-time
+   constants at each call, rows x chunks <= 16 registers) over `key_pairs` pairs of keys; only the first `stored`
+   rows are written (the others repeat the last row, for a tail shorter than `rows`). */
+static inline __attribute__((always_inline)) void value_block(const uint16_t *const *weights, const uint16_t *values,
+                                                              int key_pairs, int head_dim, int rows, int chunks,
+                                                              int stored, const float *sums, uint16_t *const *out) {
+    __m512 acc[4][16];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < chunks; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int j = 0; j < key_pairs; j++) {
+        __m512bh w[4];
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, weights[r] + 2 * j, 4);
+            w[r] = (__m512bh)_mm512_set1_epi32(pair);
+        }
+        const uint16_t *v = values + (int64_t)j * 2 * head_dim;
+        for (int c = 0; c < chunks; c++) {
+            const __m512bh vc = (__m512bh)_mm512_loadu_si512(v + 32 * c);
+            for (int r = 0; r < rows; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w[r], vc);
+        }
+    }
+    for (int r = 0; r < rows && r < stored; r++) {
+        const __m512 inverse = _mm512_set1_ps(1.0f / sums[r]);
+        for (int c = 0; c < chunks; c++) {
+            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(acc[r][c], inverse));
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+            _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        }
+    }
+}
+
+/* value_block with its register shape fixed per head size (16 x chunks): rows = min(4, 16 / chunks), e.g. 4 rows x 4
+   slices for 64, 2 x 8 for 128, 1 x 16 for 256 */
+static void value_rows(const uint16_t *const *weights, const uint16_t *values, int key_pairs, int head_dim,
+                       int stored, const float *sums, uint16_t *const *out) {
+    switch (head_dim / 16) {
+    case 1: value_block(weights, values, key_pairs, head_dim, 4, 1, stored, sums, out); break;
+    case 2: value_block(weights, values, key_pairs, head_dim, 4, 2, stored, sums, out); break;
+    case 3: value_block(weights, values, key_pairs, head_dim, 4, 3, stored, sums, out); break;
+    case 4: value_block(weights, values, key_pairs, head_dim, 4, 4, stored, sums, out); break;
+    case 5: value_block(weights, values, key_pairs, head_dim, 3, 5, stored, sums, out); break;
+    case 6: value_block(weights, values, key_pairs, head_dim, 2, 6, stored, sums, out); break;
+    case 7: value_block(weights, values, key_pairs, head_dim, 2, 7, stored, sums, out); break;
+    case 8: value_block(weights, values, key_pairs, head_dim, 2, 8, stored, sums, out); break;
+    case 9: value_block(weights, values, key_pairs, head_dim, 1, 9, stored, sums, out); break;
+    case 10: value_block(weights, values, key_pairs, head_dim, 1, 10, stored, sums, out); break;
+    case 11: value_block(weights, values, key_pairs, head_dim, 1, 11, stored, sums, out); break;
+    case 12: value_block(weights, values, key_pairs, head_dim, 1, 12, stored, sums, out); break;
+    case 13: value_block(weights, values, key_pairs, head_dim, 1, 13, stored, sums, out); break;
+    case 14: value_block(weights, values, key_pairs, head_dim, 1, 14, stored, sums, out); break;
+    case 15: value_block(weights, values, key_pairs, head_dim, 1, 15, stored, sums, out); break;
+    case 16: value_block(weights, values, key_pairs, head_dim, 1, 16, stored, sums, out); break;
+    default: break;
+    }
+}
+
+static int value_block_rows(int head_dim) { return 16 / (head_dim / 16) < 4 ? 16 / (head_dim / 16) : 4; }
+
+/* One job: query positions [first, last) of one sequence (q_len new tokens after `offset` cached ones) against one
+   KV head's packed keys and values. Row r is position first + r / group, query head r % group. */
+static void prefill_tile(const uint16_t *q, int64_t q_row_stride, uint16_t *out, int64_t out_row_stride,
+                         int64_t q_start, int offset, int first, int last, int kv_head, int group, int head_dim,
+                         const uint16_t *keys, const uint16_t *values, float scale) {
+    const int rows = (last - first) * group;
+    const int span = offset + last;                 /* keys the tile's last position sees */
+    const int width = (int)round_up(span, 16);      /* score row length: whole key groups */
+    float *scores = malloc((size_t)rows * width * sizeof(float));
+    uint16_t *weights = malloc((size_t)rows * width * sizeof(uint16_t));
+    float sums[PREFILL_ROWS];
+    const uint16_t *row_q[PREFILL_ROWS];
+    uint16_t *row_out[PREFILL_ROWS];
+    for (int r = 0; r < rows; r++) {
+        const int64_t token = q_start + first + r / group, head = (int64_t)kv_head * group + r % group;
+        row_q[r] = q + token * q_row_stride + head * head_dim;
+        row_out[r] = out + token * out_row_stride + head * head_dim;
+    }
+    const int key_groups = width / 16;
+    for (int r0 = 0; r0 < rows; r0 += QK_ROWS) {
+        const uint16_t *block_q[QK_ROWS];
+        float *block_scores[QK_ROWS];
+        for (int r = 0; r < QK_ROWS; r++) {  /* past the last row: recompute the last one, store nothing new */
+            const int at = r0 + r < rows ? r0 + r : rows - 1;
+            block_q[r] = row_q[at];
+            block_scores[r] = scores + (int64_t)at * width;
+        }
+        int g = 0;
+        for (; g + QK_GROUPS <= key_groups; g += QK_GROUPS)
+            score_block(block_q, keys, g, QK_GROUPS, head_dim / 2, scale, block_scores);
+        switch (key_groups - g) {  /* the tail, with its register shape fixed too */
+        case 3: score_block(block_q, keys, g, 3, head_dim / 2, scale, block_scores); break;
+        case 2: score_block(block_q, keys, g, 2, head_dim / 2, scale, block_scores); break;
+        case 1: score_block(block_q, keys, g, 1, head_dim / 2, scale, block_scores); break;
+        default: break;
+        }
+    }
+    const int weight_width = (int)round_up(span, 2);
+    for (int r = 0; r < rows; r++)
+        sums[r] = softmax_row(scores + (int64_t)r * width, offset + first + r / group + 1, weight_width,
+                              weights + (int64_t)r * width);
+    const int block_rows = value_block_rows(head_dim);
+    for (int r0 = 0; r0 < rows; r0 += block_rows) {
+        const int n = rows - r0 < block_rows ? rows - r0 : block_rows;
+        const uint16_t *block_weights[4];
+        for (int r = 0; r < block_rows; r++) block_weights[r] = weights + (int64_t)(r0 + (r < n ? r : n - 1)) * width;
+        /* a row's weights are zero past its own span, so every row may run to the tile's */
+        value_rows(block_weights, values, weight_width / 2, head_dim, n, sums + r0, row_out + r0);
+    }
+    free(scores);
+    free(weights);
+}
+#endif
+
+int paged_prefill_available(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Causal attention of `num_seqs` prefills, bf16 queries, outputs and caches. Sequence i's q_lens[i] new tokens are
+   rows q_starts[i].. of q and out ([.., num_heads, head_dim], heads contiguous within a row) and the last of its
+   seq_lens[i] tokens, all already in the cache ([num_blocks, block_size, num_kv_heads, head_dim] contiguous) at
+   block_tables[i * table_stride ..]. Jobs are shared out among `threads` OpenMP threads: first packing each
+   (sequence, KV head), then the tiles. Returns 0, or -1 where the build or the shapes do not allow it
+   (head_dim a multiple of 16 up to 256, at most MAX_GROUP query heads per KV head). */
+int paged_prefill_attention(const void *q, int64_t q_row_stride, void *out, int64_t out_row_stride,
+                            const void *k_cache, const void *v_cache, int block_size, const int32_t *block_tables,
+                            int64_t table_stride, const int64_t *q_starts, const int32_t *q_lens,
+                            const int32_t *seq_lens, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                            float scale, int threads) {
+#if defined(__AVX512BF16__)
+    const int group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
+    if (group < 1 || group > MAX_GROUP || num_heads % num_kv_heads || head_dim % 16 || head_dim > MAX_HEAD_DIM)
+        return -1;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    const int positions_per_tile = PREFILL_ROWS / group;
+    int64_t packed_at[num_seqs + 1];  /* each sequence's packed keys (then values) start, per KV head */
+    int tiles_before[num_seqs + 1];
+    packed_at[0] = 0;
+    tiles_before[0] = 0;
+    for (int i = 0; i < num_seqs; i++) {
+        packed_at[i + 1] = packed_at[i] + round_up(seq_lens[i], 16) * head_dim;
+        tiles_before[i + 1] = tiles_before[i] + (q_lens[i] + positions_per_tile - 1) / positions_per_tile;
+    }
+    uint16_t *keys = malloc((size_t)packed_at[num_seqs] * num_kv_heads * sizeof(uint16_t));
+    uint16_t *values = malloc((size_t)packed_at[num_seqs] * num_kv_heads * sizeof(uint16_t));
+    if (keys == NULL || values == NULL) {
+        free(keys);
+        free(values);
+        return -2;
+    }
+    const int pack_jobs = num_seqs * num_kv_heads, jobs = tiles_before[num_seqs] * num_kv_heads;
+    int next_pack = 0, next_job = 0;
+#pragma omp parallel num_threads(threads < jobs ? threads : jobs)
+    {
+        for (;;) {
+            const int item = __atomic_fetch_add(&next_pack, 1, __ATOMIC_RELAXED);
+            if (item >= pack_jobs) break;
+            const int i = item / num_kv_heads, h = item % num_kv_heads;
+            const int64_t at = (packed_at[i] * num_kv_heads) + (int64_t)h * (packed_at[i + 1] - packed_at[i]);
+            pack_kv_head(k_cache, v_cache, block_size, block_tables + i * table_stride, seq_lens[i],
+                         (int64_t)h * head_dim, token_stride, head_dim, keys + at, values + at);
+        }
+#pragma omp barrier
+        for (;;) {
+            const int item = __atomic_fetch_add(&next_job, 1, __ATOMIC_RELAXED);
+            if (item >= jobs) break;
+            const int h = item % num_kv_heads, tile = item / num_kv_heads;
+            int i = 0;
+            while (tiles_before[i + 1] <= tile) i++;
+            const int first = (tile - tiles_before[i]) * positions_per_tile;
+            const int last = first + positions_per_tile < q_lens[i] ? first + positions_per_tile : q_lens[i];
+            const int64_t at = (packed_at[i] * num_kv_heads) + (int64_t)h * (packed_at[i + 1] - packed_at[i]);
+            prefill_tile(q, q_row_stride, out, out_row_stride, q_starts[i], seq_lens[i] - q_lens[i], first, last, h,
+                         group, head_dim, keys + at, values + at, scale);
+        }
+    }
+    free(keys);
+    free(values);
+    return 0;
+#else
+    (void)q, (void)q_row_stride, (void)out, (void)out_row_stride, (void)k_cache, (void)v_cache, (void)block_size;
+    (void)block_tables, (void)table_stride, (void)q_starts, (void)q_lens, (void)seq_lens, (void)num_seqs;
+    (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)scale, (void)threads;
+    return -1;
+#endif
 }
