@@ -65,6 +65,15 @@ static inline __m512 load16(const void *base, int64_t i, int dtype) {
     return _mm512_loadu_ps((const float *)base + i);
 }
 
+/* 16 floats rounded to bf16 as torch's cast rounds them: to nearest even (add 0x7fff plus the lowest kept bit, keep
+   the top half). */
+static inline __m256i round16_to_bf16(__m512 x) {
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
 /* e^x for x <= 0 (scores minus their running max): 2^n * p(r), r in [-ln2/2, ln2/2], relative error ~1e-7. */
 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -267,12 +276,7 @@ static void write_output(const float *acc, const float *sums, int head_dim, int 
         for (; e < n; e += 16) {
             __m512 value = _mm512_div_ps(_mm512_loadu_ps(acc + e), _mm512_set1_ps(sums[e / head_dim]));
             if (io_dtype == DTYPE_BF16) {
-                /* round to nearest even, as torch's cast: add 0x7fff plus the lowest kept bit, keep the top half */
-                __m512i bits = _mm512_castps_si512(value);
-                __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + first + e),
-                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + first + e), round16_to_bf16(value));
             } else {
                 _mm512_storeu_ps((float *)out + first + e, value);
             }
@@ -442,10 +446,7 @@ static float softmax_row(const float *s, int valid, int width, uint16_t *w) {
         const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t),
                                                                                   max)));
         sums = _mm512_add_ps(sums, p);
-        __m512i bits = _mm512_castps_si512(p);  /* round to nearest even, as torch's cast */
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-        _mm256_mask_storeu_epi16(w + t, (__mmask16)((1u << n) - 1), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        _mm256_mask_storeu_epi16(w + t, (__mmask16)((1u << n) - 1), round16_to_bf16(p));
     }
     return _mm512_reduce_add_ps(sums);
 }
@@ -474,12 +475,8 @@ static inline __attribute__((always_inline)) void value_block(const uint16_t *co
     }
     for (int r = 0; r < rows && r < stored; r++) {
         const __m512 inverse = _mm512_set1_ps(1.0f / sums[r]);
-        for (int c = 0; c < chunks; c++) {
-            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(acc[r][c], inverse));
-            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-            _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-        }
+        for (int c = 0; c < chunks; c++)
+            _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), round16_to_bf16(_mm512_mul_ps(acc[r][c], inverse)));
     }
 }
 

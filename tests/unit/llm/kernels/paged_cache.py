@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -46,3 +47,17 @@ def oracle_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 weights = torch.softmax(scores, dim=0)
                 out[q_start + j, h] = weights @ values[: position + 1, kv_head]
     return out
+
+
+def outputs_at_thread_counts(run: Callable[[], torch.Tensor], counts: tuple[int, ...] = (1, 2, 5),
+                             ) -> list[torch.Tensor]:
+    """`run()`'s output with torch (and so the kernels' OpenMP) at each thread count, the count restored after."""
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            outputs.append(run())
+        return outputs
+    finally:
+        torch.set_num_threads(before)

@@ -10,7 +10,7 @@ from services.llm.kernels.attention import paged_attention_reference
 from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
 from services.llm.kernels.kv_store import FP8_KV_DTYPE
 from services.llm.kernels.paged_attention_cpu import DecodeKernel, KernelDecodes
-from tests.unit.llm.kernels.paged_cache import build_paged_cache
+from tests.unit.llm.kernels.paged_cache import build_paged_cache, outputs_at_thread_counts
 
 BLOCK = 16
 # One token, a block boundary, one past it, and longer rows, unsorted.
@@ -78,14 +78,7 @@ def test_bf16_is_the_oracle_rounded_once(kernel: DecodeKernel, num_heads: int, n
 def test_any_number_of_threads_gives_the_same_bits(kernel: DecodeKernel, dtype: torch.dtype) -> None:
     """Each (row, KV head) is one thread's whole job, so how they are shared out changes nothing."""
     q, k_cache, v_cache, tables = decode_inputs(9, 3, 64, dtype)
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2, 5):
-            torch.set_num_threads(threads)
-            outputs.append(run_kernel(kernel, q, k_cache, v_cache, tables, 0.125))
-    finally:
-        torch.set_num_threads(before)
+    outputs = outputs_at_thread_counts(lambda: run_kernel(kernel, q, k_cache, v_cache, tables, 0.125))
     assert not outputs[0].isnan().any()
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
 

@@ -10,7 +10,7 @@ from services.llm.kernels import paged_attention_cpu
 from services.llm.kernels.attention import paged_attention_reference
 from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
 from services.llm.kernels.paged_attention_cpu import KernelPrefills, PrefillKernel
-from tests.unit.llm.kernels.paged_cache import build_paged_cache
+from tests.unit.llm.kernels.paged_cache import build_paged_cache, outputs_at_thread_counts
 
 BLOCK = 16
 # (new tokens, all tokens): whole prompts (short, one tile of 48 rows, across tiles and key groups) and chunks
@@ -88,14 +88,7 @@ def test_matches_the_oracle_rounded_where_the_kernel_rounds(prefill: PrefillKern
 def test_any_number_of_threads_gives_the_same_bits(prefill: PrefillKernel) -> None:
     """Each (sequence, KV head) tile is one thread's whole job, so how they are shared out changes nothing."""
     q, k_cache, v_cache, _, prefills = prefill_inputs(9, 3, 64)
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2, 5):
-            torch.set_num_threads(threads)
-            outputs.append(run(prefill, q, k_cache, v_cache, prefills, 0.125))
-    finally:
-        torch.set_num_threads(before)
+    outputs = outputs_at_thread_counts(lambda: run(prefill, q, k_cache, v_cache, prefills, 0.125))
     assert not outputs[0].isnan().any()
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
 
