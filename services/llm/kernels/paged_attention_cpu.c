@@ -508,8 +508,9 @@ static void value_rows(const uint16_t *const *weights, const uint16_t *values, i
 static int value_block_rows(int head_dim) { return 16 / (head_dim / 16) < 4 ? 16 / (head_dim / 16) : 4; }
 
 /* One job: query positions [first, last) of one sequence (q_len new tokens after `offset` cached ones) against one
-   KV head's packed keys and values. Row r is position first + r / group, query head r % group. */
-static void prefill_tile(const uint16_t *q, int64_t q_row_stride, uint16_t *out, int64_t out_row_stride,
+   KV head's packed keys and values. Row r is position first + r / group, query head r % group. Returns 0, or -2
+   where its score buffers could not be allocated. */
+static int prefill_tile(const uint16_t *q, int64_t q_row_stride, uint16_t *out, int64_t out_row_stride,
                          int64_t q_start, int offset, int first, int last, int kv_head, int group, int head_dim,
                          const uint16_t *keys, const uint16_t *values, float scale) {
     const int rows = (last - first) * group;
@@ -517,6 +518,11 @@ static void prefill_tile(const uint16_t *q, int64_t q_row_stride, uint16_t *out,
     const int width = (int)round_up(span, 16);      /* score row length: whole key groups */
     float *scores = malloc((size_t)rows * width * sizeof(float));
     uint16_t *weights = malloc((size_t)rows * width * sizeof(uint16_t));
+    if (scores == NULL || weights == NULL) {
+        free(scores);
+        free(weights);
+        return -2;
+    }
     float sums[PREFILL_ROWS];
     const uint16_t *row_q[PREFILL_ROWS];
     uint16_t *row_out[PREFILL_ROWS];
@@ -558,6 +564,7 @@ static void prefill_tile(const uint16_t *q, int64_t q_row_stride, uint16_t *out,
     }
     free(scores);
     free(weights);
+    return 0;
 }
 #endif
 
@@ -573,8 +580,8 @@ int paged_prefill_available(void) {
    rows q_starts[i].. of q and out ([.., num_heads, head_dim], heads contiguous within a row) and the last of its
    seq_lens[i] tokens, all already in the cache ([num_blocks, block_size, num_kv_heads, head_dim] contiguous) at
    block_tables[i * table_stride ..]. Jobs are shared out among `threads` OpenMP threads: first packing each
-   (sequence, KV head), then the tiles. Returns 0, or -1 where the build or the shapes do not allow it
-   (head_dim a multiple of 16 up to 256, at most MAX_GROUP query heads per KV head). */
+   (sequence, KV head), then the tiles. Returns 0; -1 where the build or the shapes do not allow it (head_dim a
+   multiple of 16 up to 256, at most MAX_GROUP query heads per KV head); -2 where memory ran out. */
 int paged_prefill_attention(const void *q, int64_t q_row_stride, void *out, int64_t out_row_stride,
                             const void *k_cache, const void *v_cache, int block_size, const int32_t *block_tables,
                             int64_t table_stride, const int64_t *q_starts, const int32_t *q_lens,
@@ -602,7 +609,7 @@ int paged_prefill_attention(const void *q, int64_t q_row_stride, void *out, int6
         return -2;
     }
     const int pack_jobs = num_seqs * num_kv_heads, jobs = tiles_before[num_seqs] * num_kv_heads;
-    int next_pack = 0, next_job = 0;
+    int next_pack = 0, next_job = 0, failed = 0;
 #pragma omp parallel num_threads(threads < jobs ? threads : jobs)
     {
         for (;;) {
@@ -623,13 +630,14 @@ int paged_prefill_attention(const void *q, int64_t q_row_stride, void *out, int6
             const int first = (tile - tiles_before[i]) * positions_per_tile;
             const int last = first + positions_per_tile < q_lens[i] ? first + positions_per_tile : q_lens[i];
             const int64_t at = (packed_at[i] * num_kv_heads) + (int64_t)h * (packed_at[i + 1] - packed_at[i]);
-            prefill_tile(q, q_row_stride, out, out_row_stride, q_starts[i], seq_lens[i] - q_lens[i], first, last, h,
-                         group, head_dim, keys + at, values + at, scale);
+            if (prefill_tile(q, q_row_stride, out, out_row_stride, q_starts[i], seq_lens[i] - q_lens[i], first, last,
+                             h, group, head_dim, keys + at, values + at, scale))
+                __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         }
     }
     free(keys);
     free(values);
-    return 0;
+    return failed ? -2 : 0;
 #else
     (void)q, (void)q_row_stride, (void)out, (void)out_row_stride, (void)k_cache, (void)v_cache, (void)block_size;
     (void)block_tables, (void)table_stride, (void)q_starts, (void)q_lens, (void)seq_lens, (void)num_seqs;
