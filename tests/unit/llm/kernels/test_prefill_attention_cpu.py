@@ -41,22 +41,30 @@ def prefill_inputs(num_heads: int, num_kv_heads: int, head_dim: int, seed: int =
     return fused[:, :num_heads], k_cache, v_cache, tables, prefills
 
 
+def sequence_kv(cache: torch.Tensor, tables: torch.Tensor, b: int, seq_len: int) -> torch.Tensor:
+    """Sequence b's first seq_len tokens of a paged cache, `[L, Hkv, D]`, read through its block table."""
+    slots = tables[b, torch.arange(seq_len) // BLOCK].long() * BLOCK + torch.arange(seq_len) % BLOCK
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def causal_mask(q_len: int, seq_len: int) -> torch.Tensor:
+    """`[q_len, seq_len]` bool: the last q_len tokens each see themselves and everything before."""
+    return torch.arange(seq_len)[None, :] <= torch.arange(seq_len - q_len, seq_len)[:, None]
+
+
 def rounded_weights_oracle(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                            scale: float) -> torch.Tensor:
     """Causal attention in float64, but with each softmax weight rounded to bf16 before p·v (the sum stays exact),
     as the kernel and torch's CPU flash attention do; the output is left unrounded."""
-    num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], q.shape[2]
-    group = num_heads // num_kv_heads
+    group = q.shape[1] // k_cache.shape[2]
     out = torch.empty(q.shape, dtype=torch.float64)
     row = 0
     for b, (q_len, seq_len) in enumerate(zip(Q_LENS, SEQ_LENS, strict=True)):
-        slots = tables[b, torch.arange(seq_len) // BLOCK].long() * BLOCK + torch.arange(seq_len) % BLOCK
-        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)  # [L, Hq, D]
-        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
+        keys = sequence_kv(k_cache, tables, b, seq_len).double().repeat_interleave(group, 1)  # [L, Hq, D]
+        values = sequence_kv(v_cache, tables, b, seq_len).double().repeat_interleave(group, 1)
         queries = q[row:row + q_len].double()  # [q_len, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
-        positions = torch.arange(seq_len - q_len, seq_len)
-        scores.masked_fill_(torch.arange(seq_len)[None, None, :] > positions[None, :, None], float("-inf"))
+        scores.masked_fill_(~causal_mask(q_len, seq_len)[None], float("-inf"))
         weights = (scores - scores.amax(-1, keepdim=True)).exp()
         out[row:row + q_len] = (torch.einsum("hqk,khd->qhd", weights.to(torch.bfloat16).double(), values)
                                 / weights.sum(-1).transpose(0, 1)[..., None])
@@ -101,14 +109,12 @@ def test_is_as_close_to_exact_attention_as_torch_sdpa(prefill: PrefillKernel) ->
     exact = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables.clamp(min=0), cu,
                                       torch.tensor(SEQ_LENS, dtype=torch.int32), 0.125)
     sdpa = torch.empty_like(q)
-    flat = (-1, 3, 64)
     for b, (q_len, seq_len) in enumerate(zip(Q_LENS, SEQ_LENS, strict=True)):
-        slots = tables[b, torch.arange(seq_len) // BLOCK].long() * BLOCK + torch.arange(seq_len) % BLOCK
-        keys, values = (cache.view(flat)[slots].transpose(0, 1)[None] for cache in (k_cache, v_cache))
-        mask = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - q_len, seq_len)[:, None]
+        keys, values = (sequence_kv(cache, tables, b, seq_len).transpose(0, 1)[None] for cache in (k_cache, v_cache))
         rows = slice(int(cu[b]), int(cu[b + 1]))
         result = torch.nn.functional.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values,
-                                                                  attn_mask=mask, scale=0.125, enable_gqa=True)
+                                                                  attn_mask=causal_mask(q_len, seq_len), scale=0.125,
+                                                                  enable_gqa=True)
         sdpa[rows] = result[0].transpose(0, 1)
     kernel_error, sdpa_error = (got - exact).abs(), (sdpa.double() - exact).abs()
     assert kernel_error.max() <= 1.25 * sdpa_error.max()
