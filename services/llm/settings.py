@@ -25,11 +25,11 @@ class LLMSettings(ServiceSettings):
     max_num_batched_tokens: int = Field(2048, description="most tokens in one engine step")
     long_prefill_token_threshold: int = Field(512, ge=0, description="most tokens of one prompt per engine step "
                                               "while other requests run, so their decodes keep flowing (0: no cap)")
-    max_prefill_tokens_per_step: int | None = Field(
-        None, ge=0, description="most prompt tokens of all requests together in one engine step while several "
-                                "requests share the engine, so new prompts go a few per step and stream their "
-                                "first tokens sooner (empty: the hardware profile's, 512 on CPU and no cap on GPU; "
-                                "0: no cap)")
+    max_prefill_tokens_per_step: int = Field(
+        0, ge=0, description="most prompt tokens of all requests together in one engine step while several requests "
+                             "share the engine (0: no cap beyond max_num_batched_tokens). A cap such as 512 "
+                             "prefills a burst of new prompts a few per step: the first of them stream sooner, "
+                             "but the running streams pause for more prefill steps, and throughput drops")
     max_model_len: int | None = Field(None, description="context length (empty: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
     max_waiting: int = Field(1024, description="requests allowed to wait beyond max_num_seqs; more get 429")

@@ -57,7 +57,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int = 512  # most tokens of one prefill per step while others run; 0: no cap
-    max_prefill_tokens_per_step: int | None = None  # all prefills of a step while others run; None: the profile's
+    max_prefill_tokens_per_step: int = 0  # all prefills of a step while others run; 0: no cap
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -86,7 +86,7 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
-        if self.max_prefill_tokens_per_step is not None and self.max_prefill_tokens_per_step < 0:
+        if self.max_prefill_tokens_per_step < 0:
             raise ValueError(f"max_prefill_tokens_per_step must be >= 0, got {self.max_prefill_tokens_per_step}")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
@@ -138,10 +138,9 @@ class LLMEngine:
         self.max_model_len = self._fit_context_to_pool(num_blocks)
         self.guided = GuidedDecoder(self.tokenizer, loaded.config.vocab_size, sorted(self.eos_token_ids))
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        prefill_cap = config.max_prefill_tokens_per_step
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_token_threshold, config.speculative,
-                                   self.hardware.max_prefill_tokens_per_step if prefill_cap is None else prefill_cap)
+                                   config.max_prefill_tokens_per_step)
         proposer = build_proposer(config.speculative, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks)
         attention_kernel = self._cpu_attention_kernel(loaded.config)

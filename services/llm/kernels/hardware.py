@@ -4,10 +4,6 @@ Like a NIM profile, the choice is made from the device, not configured by hand: 
 kernels, bf16 where the GPU has it (compute capability ≥ 8.0, else fp16), CUDA graphs for decode; on the
 CPU the torch path, in bf16 where the cores have bf16 matrix instructions (AMX or AVX512-BF16: oneDNN's bf16
 GEMMs are several times faster than fp32 there, and the weights take half the memory traffic), else fp32.
-The CPU profile also caps the prefill tokens of one step while several requests share the engine, so a burst of
-new prompts goes a few per step and the first of them stream sooner. Smaller steps run the GEMMs less efficiently
-per token, but in serving that measured as a gain, not a cost (see `CPU_MAX_PREFILL_TOKENS_PER_STEP`); a GPU
-prefills a big chunk for little more than a small one, so its profile has no cap.
 Use it in the engine's start-up:
 
     profile = detect_hardware(config.device)
@@ -35,12 +31,6 @@ _MIN_TRITON_CAPABILITY = (7, 5)
 _BF16_CAPABILITY = (8, 0)
 # fp8 e4m3 (weights and the KV cache) needs Ada or Hopper: Triton has no e4m3 conversions below sm_89.
 FP8_CAPABILITY = (8, 9)
-# A CPU step's prefill tokens while requests share the engine. Under aiperf at concurrency 32 (200-token prompts,
-# SmolLM2-135M in bf16, 2-core AMX Xeon), interleaved runs: 512-token steps against 2,048-token ones gave TTFT p50
-# 1.4-1.6 s against 3.4-4.7 s, and 1.2x the output throughput, although oneDNN runs these projections at 512 rows
-# at 0.5-0.8x its per-token rate at 2,000; this cap at 512 under a 2,048-token budget gave TTFT p50 0.85-1.1 s
-# where vLLM's CPU build (2,048-token budget) gave 1.75-1.8 s.
-CPU_MAX_PREFILL_TOKENS_PER_STEP = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +45,6 @@ class HardwareProfile:
     kernels: str  # "triton" or "torch"
     kv_block_size: int
     use_cuda_graphs: bool
-    max_prefill_tokens_per_step: int  # while requests share the engine (0: only max_num_batched_tokens)
 
     @property
     def supports_fp8(self) -> bool:
@@ -82,7 +71,6 @@ class HardwareProfile:
             "kernels": self.kernels,
             "kv_block_size": self.kv_block_size,
             "cuda_graphs": self.use_cuda_graphs,
-            "max_prefill_tokens_per_step": self.max_prefill_tokens_per_step,
         }
 
 
@@ -132,8 +120,7 @@ def detect_hardware(device: str | torch.device | None = None, dtype: torch.dtype
         return HardwareProfile(device="cpu", name=_cpu_name(), compute_capability=None,
                                total_memory_bytes=_cpu_memory_bytes(), multiprocessor_count=_usable_cores(),
                                supports_bf16=bool(flags & CPU_BF16_FLAGS), dtype=dtype or cpu_default_dtype(flags),
-                               kernels="torch", kv_block_size=16, use_cuda_graphs=False,
-                               max_prefill_tokens_per_step=CPU_MAX_PREFILL_TOKENS_PER_STEP)
+                               kernels="torch", kv_block_size=16, use_cuda_graphs=False)
     if not torch.cuda.is_available():
         raise RuntimeError(f"device {target} requested but CUDA is not available")
     index = target.index if target.index is not None else torch.cuda.current_device()
@@ -153,5 +140,4 @@ def cuda_profile(index: int, props: Any, dtype: torch.dtype | None = None) -> Ha
         total_memory_bytes=props.total_memory, multiprocessor_count=props.multi_processor_count,
         supports_bf16=bf16, dtype=dtype or (torch.bfloat16 if bf16 else torch.float16),
         kernels="triton" if triton else "torch", kv_block_size=16, use_cuda_graphs=True,
-        max_prefill_tokens_per_step=0,
     )

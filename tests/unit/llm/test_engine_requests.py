@@ -162,10 +162,10 @@ def test_hardware_profile_is_detected_and_configured_values_win(engine: LLMEngin
     default = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)
     assert default.block_size == default.hardware.kv_block_size == 16
     assert default.hardware.describe()["kv_block_size"] == 16
-    # The CPU profile caps a step's prompt tokens while requests share the engine; a configured value wins.
-    assert default.scheduler.max_prefill_tokens_per_step == default.hardware.max_prefill_tokens_per_step == 512
-    uncapped = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01, max_prefill_tokens_per_step=0)
-    assert uncapped.scheduler.max_prefill_tokens_per_step == 0
+    # No cap on a step's prompt tokens unless one is configured.
+    assert default.scheduler.max_prefill_tokens_per_step == 0
+    capped = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01, max_prefill_tokens_per_step=512)
+    assert capped.scheduler.max_prefill_tokens_per_step == 512
 
 
 def test_context_is_clamped_to_what_the_kv_pool_holds(tiny_models: dict[str, Path], make_engine,
