@@ -81,12 +81,12 @@ class LLMSettings(ServiceSettings):
                                   "torch ops; kernel (built with the system C compiler at first start; fails "
                                   "without one), torch (the eager ops), or auto (the kernel where it builds, else "
                                   "torch with a warning)")
-    cpu_matmul: str = Field("auto", description="CPU steps of up to 32 tokens (decodes) on cores with AMX: the "
-                            "packed bf16 linear layers run in a C kernel that reads oneDNN's packed weights in place "
-                            "and streams them once, bit for bit oneDNN's outputs (checked per layer at start); "
-                            "kernel (built with the system C compiler at first start; fails without one or without "
-                            "AMX), torch (oneDNN), or auto (the kernel where it builds and runs, else oneDNN with "
-                            "a warning)")
+    cpu_matmul: str = Field("auto", description="CPU steps of up to 32 tokens (decodes) on cores with AMX or "
+                            "AVX512-BF16: the packed bf16 linear layers run in a C kernel that reads oneDNN's packed "
+                            "weights in place and streams them once, bit for bit oneDNN's outputs (checked per layer "
+                            "at start); kernel (built with the system C compiler at first start; fails without one "
+                            "or on a CPU with neither), torch (oneDNN), or auto (the kernel where it builds and runs, "
+                            "else oneDNN with a warning)")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

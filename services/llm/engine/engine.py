@@ -471,7 +471,8 @@ class LLMEngine:
                  cpu_compiled.MIN_ROWS)
 
     def _use_cpu_matmul_kernel(self, loaded: LoadedModel) -> None:
-        """Packed linears run steps of up to 32 tokens in the AMX kernel, each weight checked against oneDNN first."""
+        """Packed linears run steps of up to 32 tokens in the C kernel (AMX or AVX512-BF16), each weight checked
+        against oneDNN first."""
         packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
         if not packed or use_triton_on(self.device):
             return
@@ -480,18 +481,20 @@ class LLMEngine:
             return
         taken = [m for m in packed if kernel.supports(m.in_features, m.out_features)]
         if len(taken) < len(packed):
-            log.warning("the CPU AMX matmul kernel takes feature counts in multiples of %d: %d of %d linear layers "
-                        "stay on oneDNN", matmul_cpu.BLOCK, len(packed) - len(taken), len(packed))
+            log.warning("the CPU matmul kernel (%s) takes input feature counts in multiples of %d (on AMX output "
+                        "counts too): %d of %d linear layers stay on oneDNN", kernel.layout, matmul_cpu.BLOCK,
+                        len(packed) - len(taken), len(packed))
         differing = [m for m in taken if kernel.differs_from_onednn(m.packed_weight, m.bias, m.in_features,
                                                                     m.out_features)]
         if differing:
-            log.warning("the CPU AMX matmul kernel is not bit for bit oneDNN's on %d of %d linear layers (oneDNN "
-                        "packed them in another layout?); all stay on oneDNN", len(differing), len(taken))
+            log.warning("the CPU matmul kernel (%s) is not bit for bit oneDNN's on %d of %d linear layers (oneDNN "
+                        "packed them in another layout, or sums in another order?); all stay on oneDNN",
+                        kernel.layout, len(differing), len(taken))
             return
         for module in taken:
             module.cpu_kernel = kernel
-        log.info("CPU steps of up to %d tokens: %d linear layers on AMX (kernels/matmul_cpu)", matmul_cpu.MAX_ROWS,
-                 len(taken))
+        log.info("CPU steps of up to %d tokens: %d linear layers in the %s kernel (kernels/matmul_cpu)",
+                 matmul_cpu.MAX_ROWS, len(taken), kernel.layout)
 
     def _cpu_attention_kernel(self, model: ModelConfig) -> paged_attention_cpu.DecodeKernel | None:
         """The C decode attention kernel where the engine runs on CPU and the kernel takes its dtypes and shapes."""

@@ -1,5 +1,5 @@
-"""The AMX decode matmul bit for bit against oneDNN on the same packed weights, its start-up check, its fallbacks,
-and engines with it on and off."""
+"""The decode matmul (AMX, or AVX512-BF16 without AMX) bit for bit against oneDNN on the same packed weights, its
+start-up check, its fallbacks, and engines with it on and off."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from services.llm.kernels.matmul_cpu import MatmulKernel
 from services.llm.layers.packed_linear import PackedLinear
 from tests.unit.llm.test_engine_greedy import greedy, random_prompts, run_staggered
 
-pytestmark = pytest.mark.skipif(bool(c_build.AMX_FLAGS - cpu_flags()), reason="this CPU has no AMX bf16")
+AMX = not c_build.AMX_FLAGS - cpu_flags()
+pytestmark = pytest.mark.skipif(not AMX and "avx512_bf16" not in cpu_flags(),
+                                reason="this CPU has neither AMX bf16 nor AVX512-BF16")
 
-# (out, in): the bundled 135M model's four projections and LM head, a wide-input projection, the tiny test models'.
-SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1152, 896), (128, 64), (32, 32)]
+# (out, in): the bundled 135M model's four projections and LM head, wide-input projections (over 1,024 inputs
+# oneDNN sums them in other blocks), the tiny test models', and output counts AVX512-BF16's layout pads.
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1152, 896), (1024, 2048), (128, 64),
+          (32, 32), (80, 1088), (200, 96)]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,8 @@ def address(packed_weight: torch.Tensor) -> int:
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 def test_every_row_count_is_onednn_bit_for_bit(kernel: MatmulKernel, out_features: int, in_features: int,
                                                bias: bool) -> None:
+    if not kernel.supports(in_features, out_features):
+        pytest.skip(f"the {kernel.layout} kernel does not take {out_features} outputs")
     weight, bias_tensor = packed(out_features, in_features, seed=out_features + in_features, bias=bias)
     generator = torch.Generator().manual_seed(1)
     for rows in range(1, matmul_cpu.MAX_ROWS + 1):
@@ -72,9 +78,9 @@ def test_the_start_up_check_passes_onednns_weights_and_refuses_what_the_kernel_c
     assert kernel.differs_from_onednn(smaller, None, 576, 576)  # another size than claimed
 
 
-def test_shapes_and_rows_it_takes() -> None:
-    assert MatmulKernel.supports(576, 49152) and not MatmulKernel.supports(576, 50257)
-    assert not MatmulKernel.supports(100, 64)
+def test_shapes_and_rows_it_takes(kernel: MatmulKernel) -> None:
+    assert kernel.supports(576, 49152) and not kernel.supports(100, 64)
+    assert kernel.supports(576, 50257) == (kernel.layout == "avx512_bf16")  # AMX: outputs in blocks of 32 only
     assert [MatmulKernel.applies(torch.empty(rows, 8)) for rows in (0, 1, 32, 33)] == [False, True, True, False]
 
 
@@ -94,17 +100,37 @@ def test_packed_linear_takes_the_kernel_for_decode_rows_and_onednn_above(kernel:
     assert calls == [2, 32]
 
 
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX bf16")
 def test_a_build_without_amx_code_is_refused(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(matmul_cpu, "FLAGS", (*matmul_cpu.FLAGS, "-mno-amx-tile"))
     with pytest.raises(c_build.KernelBuildError, match="no AMX code"):
         matmul_cpu.load(directory=tmp_path)
 
 
-def test_a_cpu_without_amx_is_refused_before_building(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(c_build, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    with pytest.raises(c_build.KernelBuildError, match="amx_bf16, amx_tile"):
+def test_a_cpu_with_neither_amx_nor_avx512_bf16_is_refused_before_building(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(matmul_cpu, "cpu_flags", lambda: {"avx512f", "avx2"})
+    with pytest.raises(c_build.KernelBuildError, match="neither AMX bf16 nor AVX512-BF16"):
         matmul_cpu.load(directory=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(AMX, reason="this CPU has AMX: the AMX kernel is built")
+def test_a_build_without_avx512_bf16_code_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(matmul_cpu, "FLAGS", (*matmul_cpu.FLAGS, "-mno-avx512bf16"))
+    with pytest.raises(c_build.KernelBuildError, match="no AVX512-BF16 code"):
+        matmul_cpu.load(directory=tmp_path)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX bf16")
+def test_the_avx512_bf16_kernel_on_an_amx_cpu_fails_the_start_up_check(tmp_path, monkeypatch) -> None:
+    """Where oneDNN packs for AMX, the kernel built for AVX512-BF16's layout computes something else: the check
+    the engine runs at start must see it."""
+    monkeypatch.setattr(matmul_cpu, "cpu_flags", lambda: cpu_flags() - c_build.AMX_FLAGS | {"avx512_bf16"})
+    monkeypatch.setattr(matmul_cpu, "FLAGS", (*matmul_cpu.FLAGS, "-mno-amx-tile", "-mno-amx-bf16"))
+    kernel = matmul_cpu.load(directory=tmp_path)
+    assert kernel.layout == "avx512_bf16"
+    weight, bias = packed(576, 576, seed=3, bias=False)
+    assert kernel.differs_from_onednn(weight, bias, 576, 576)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
