@@ -87,6 +87,10 @@ class LLMSettings(ServiceSettings):
                             "at start); kernel (built with the system C compiler at first start; fails without one "
                             "or on a CPU with neither), torch (oneDNN), or auto (the kernel where it builds and runs, "
                             "else oneDNN with a warning)")
+    cpu_adaptive_threads: bool = Field(True, description="on CPU, about once a second torch's thread count is set "
+                                       "to the cores other processes leave free (at least one): a thread stalled by "
+                                       "another process stalls the whole team at every layer. Off, or with "
+                                       "OMP_NUM_THREADS set, the count stays fixed")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from common import c_build
 from services.llm.config import ModelConfig
 from services.llm.engine.block_manager import BlockManager
+from services.llm.engine.cpu_threads import CpuThreads
 from services.llm.engine.gpu_memory import plan_kv_budget
 from services.llm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, RequestTimings, TokenLogprob
 from services.llm.engine.runner import ModelRunner, StepOutput, kv_bytes_per_block, resolve_kv_cache_dtype
@@ -73,7 +74,8 @@ class EngineConfig:
     cpu_compile: bool = True  # CPU bf16: prefill-sized steps' elementwise kernels compiled (kernels/cpu_compiled)
     cpu_attention: str = "auto"  # CPU attention: kernel (C, kernels/paged_attention_cpu), torch, or auto
     cpu_elementwise: str = "auto"  # CPU steps under cpu_compiled.MIN_ROWS: norms, rotary, SiLU in C (elementwise_cpu)
-    cpu_matmul: str = "auto"  # CPU steps of up to 32 tokens: packed bf16 linears on AMX (kernels/matmul_cpu)
+    cpu_matmul: str = "auto"  # CPU steps of up to 32 tokens: packed bf16 linears in C (kernels/matmul_cpu)
+    cpu_adaptive_threads: bool = True  # CPU: torch's threads follow the cores other processes leave (cpu_threads)
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -108,8 +110,11 @@ class LLMEngine:
         self.hardware = detect_hardware(self.device, None if config.dtype == "auto"
                                         else resolve_dtype(config.dtype, self.device))
         log.info("hardware profile: %s", self.hardware.describe())
+        self._cpu_threads: CpuThreads | None = None
         if self.device.type == "cpu":
             log.info("torch uses %d CPU threads", use_given_cores())
+            if config.cpu_adaptive_threads:
+                self._cpu_threads = CpuThreads.for_this_process()
         self.dtype = self.hardware.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self._check_fp8_support()
@@ -194,6 +199,8 @@ class LLMEngine:
             outputs, self._abort_outputs = self._abort_outputs, []
             batch = self.scheduler.schedule()
             if batch:
+                if self._cpu_threads is not None:
+                    self._cpu_threads.adjust()
                 self._mark_scheduled(batch)
                 outputs += self._postprocess(batch, self.runner.execute(batch))
             while self._pending_aborts:

@@ -1,0 +1,155 @@
+"""The CPU thread team that follows the cores other processes leave free: its measurement and decisions on a
+scripted clock, its /proc/stat reading, when an engine has one, and an engine's tokens while its thread count
+changes between steps."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.llm.engine import cpu_threads
+from services.llm.engine.cpu_threads import SAMPLE_SECONDS, STALE_SECONDS, CpuThreads, busy_seconds
+from tests.unit.llm.test_engine_greedy import greedy, random_prompts, run_staggered
+
+
+class Machine:
+    """A scripted machine: `run(seconds, others, own)` advances the clock with `others` cores busy in other
+    processes and `own` in this one."""
+
+    def __init__(self) -> None:
+        self.now, self.busy, self.own = 100.0, 0.0, 0.0
+        self.reads = 0
+        self.set_to: list[int] = []
+
+    def read_busy(self) -> float:
+        self.reads += 1
+        return self.busy
+
+    def run(self, seconds: float, others: float, own: float) -> None:
+        self.now += seconds
+        self.busy += (others + own) * seconds
+        self.own += own * seconds
+
+    def governor(self, cores: int) -> CpuThreads:
+        return CpuThreads(set(range(cores)), read_busy=self.read_busy, own_seconds=lambda: self.own,
+                          clock=lambda: self.now, set_threads=self.set_to.append)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_the_team_shrinks_while_another_process_is_busy_and_grows_back() -> None:
+    torch.set_num_threads(2)
+    machine = Machine()
+    governor = machine.governor(2)
+    machine.run(SAMPLE_SECONDS, others=0.7, own=1.3)  # a spinning neighbour gets its share of both cores
+    governor.adjust()
+    assert machine.set_to == [1] and governor.threads == 1
+    machine.run(SAMPLE_SECONDS, others=1.0, own=1.0)
+    governor.adjust()
+    assert machine.set_to == [1]  # unchanged: no call
+    machine.run(SAMPLE_SECONDS, others=0.05, own=1.0)  # the neighbour stopped
+    governor.adjust()
+    assert machine.set_to == [1, 2] and governor.threads == 2
+
+
+def test_it_measures_at_most_once_a_sample_period() -> None:
+    torch.set_num_threads(2)
+    machine = Machine()
+    governor = machine.governor(2)
+    for _ in range(5):
+        machine.run(SAMPLE_SECONDS / 10, others=1.0, own=1.0)
+        governor.adjust()
+    assert machine.reads == 1 and not machine.set_to  # only the construction's sample
+    machine.run(SAMPLE_SECONDS * 0.6, others=1.0, own=1.0)
+    governor.adjust()
+    assert machine.reads == 2 and machine.set_to == [1]
+
+
+def test_a_long_idle_gap_only_restarts_the_measurement() -> None:
+    torch.set_num_threads(2)
+    machine = Machine()
+    governor = machine.governor(2)
+    machine.run(STALE_SECONDS + 1, others=1.0, own=0.0)  # an idle engine: no steps, so no samples
+    governor.adjust()
+    assert not machine.set_to
+    machine.run(SAMPLE_SECONDS, others=0.0, own=2.0)
+    governor.adjust()
+    assert not machine.set_to and governor.threads == 2
+
+
+@pytest.mark.parametrize(("others", "threads"), [(0.0, 8), (0.4, 8), (1.4, 7), (2.6, 5), (7.9, 1), (30.0, 1)])
+def test_threads_are_the_free_cores_rounded_and_at_least_one(others: float, threads: int) -> None:
+    torch.set_num_threads(8)
+    machine = Machine()
+    governor = machine.governor(8)
+    machine.run(SAMPLE_SECONDS, others=others, own=8 - min(others, 7))
+    governor.adjust()
+    assert governor.threads == threads
+    assert machine.set_to == ([] if threads == 8 else [threads])
+
+
+def test_busy_seconds_counts_the_given_cores_busy_columns(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  900 0 900 900 0 0 0 0 0 0\n"
+                    "cpu0 100 1 10 5000 7 2 3 40 6 0\n"  # user nice system idle iowait irq softirq steal guest ...
+                    "cpu1 200 0 20 5000 0 0 0 0 0 0\n"
+                    "cpu2 400 0 40 5000 0 0 0 0 0 0\n"
+                    "intr 12345\nctxt 999\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert busy_seconds({0, 2}, stat) == pytest.approx((100 + 1 + 10 + 2 + 3 + 40 + 400 + 40) / ticks)
+    assert busy_seconds(set(os.sched_getaffinity(0))) > 0  # this machine's
+
+
+def test_no_governor_where_the_thread_count_is_fixed_or_there_is_one_core(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert CpuThreads.for_this_process() is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {3})
+    assert CpuThreads.for_this_process() is None
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    governor = CpuThreads.for_this_process()
+    assert governor is not None and governor.max_threads == 2
+
+
+def test_an_engine_has_one_unless_turned_off(tiny_models, make_engine, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)._cpu_threads is not None
+    assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
+                       cpu_adaptive_threads=False)._cpu_threads is None
+
+
+class Flipping:
+    """Stands in for the governor: a different thread count every step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def adjust(self) -> None:
+        self.steps += 1
+        torch.set_num_threads(1 + self.steps % 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tokens_do_not_depend_on_the_thread_count_changing_between_steps(dtype: str, tiny_models,
+                                                                         make_engine) -> None:
+    prompts = random_prompts(6, 3, 150, seed=11)  # prefills past cpu_compiled's 128 rows too
+    tokens = {}
+    for name in ("fixed", "flipping"):
+        torch.set_num_threads(2)
+        engine = make_engine(tiny_models["qwen2"], dtype=dtype, cpu_adaptive_threads=False)
+        if name == "flipping":
+            engine._cpu_threads = Flipping()
+        finals = run_staggered(engine, prompts, greedy())
+        tokens[name] = [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
+        if name == "flipping":
+            assert engine._cpu_threads.steps > 10
+    assert tokens["flipping"] == tokens["fixed"]
