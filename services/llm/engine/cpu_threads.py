@@ -7,8 +7,10 @@ spinning (a load generator polling, a second service), a decode step of one sequ
 With both cores free, two threads gave 40-65% more. So the team follows what is free: about once a second, between
 steps, `CpuThreads` reads how busy this process's cores were (`/proc/stat`), takes away this process's own CPU time,
 and sets torch's thread count to the cores left, rounded, at least one. Only cores in the process's affinity are
-counted. Outputs do not depend on the thread count (the engine's CPU kernels, oneDNN's linears and SDPA split their
-work without changing any sum; `tests/unit/llm/test_cpu_threads.py` checks an engine's tokens at 1 and 2 threads).
+counted; a VM's steal time (its host running something else on the core) counts as busy too, since it stalls a
+team thread the same way. Outputs do not depend on the thread count (the engine's CPU kernels, oneDNN's linears
+and SDPA split their work without changing any sum; `tests/unit/llm/test_cpu_threads.py` checks an engine's tokens
+while its thread count changes between steps).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@
    input pair is broadcast and multiplied into the four registers. oneDNN's brgemm (3.x, avx512_core_bf16) sums
    the inputs in blocks of 512 (1,024 for more than one row when there are over 1,024 inputs): each block from
    zero by `vdpbf16ps` in order, then the block sums added in order; this does the same, so the bits are
-   oneDNN's. At 1 to 8 rows oneDNN read the bundled model's weights at 21-35 GB/s on a 2-core EPYC whose plain
-   reads run at 44-49; this kernel at 34-45 GB/s.
+   oneDNN's. At 1 to 8 rows oneDNN read the bundled model's weights at 21-35 GB/s on a 2-core EPYC where a torch
+   sum over as many bytes reads 44-49; this kernel at 34-45 GB/s (up to 6 rows per pass over a block, 4 x 6
+   accumulators; more rows take more passes, the block then coming from L2).
 
    Either way the engine checks the bits against oneDNN on the model's shapes before using it (`matmul_cpu.py`),
    which also catches a layout or a blocking other than the ones assumed here. The output blocks are shared out
