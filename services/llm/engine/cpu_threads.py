@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from services.llm.kernels.hardware import usable_cores
+
 log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 1.0  # how often the share is measured
@@ -58,9 +60,9 @@ class CpuThreads:
     def for_this_process(cls) -> CpuThreads | None:
         """The governor for an engine on this process's cores, or None where there is nothing to adapt: one core,
         a thread count set by OMP_NUM_THREADS, or no /proc/stat."""
-        if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "sched_getaffinity"):
+        if os.environ.get("OMP_NUM_THREADS"):
             return None
-        cores = os.sched_getaffinity(0)
+        cores = usable_cores()
         if len(cores) < 2:
             return None
         try:

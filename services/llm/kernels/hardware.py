@@ -97,15 +97,16 @@ def _cpu_memory_bytes() -> int:
         return 0
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def usable_cores() -> set[int]:
+    """The CPU cores this process may run on: its affinity (a container's cpuset, say), else all of them."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def use_given_cores() -> int:
     """Torch's CPU threads = the cores this process may run on (its affinity, e.g. a container's cpuset),
     unless OMP_NUM_THREADS says otherwise; torch alone counts the host's cores. Returns the thread count."""
     if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(_usable_cores())
+        torch.set_num_threads(len(usable_cores()))
     return torch.get_num_threads()
 
 
@@ -118,7 +119,7 @@ def detect_hardware(device: str | torch.device | None = None, dtype: torch.dtype
     if target.type != "cuda":
         flags = cpu_flags()
         return HardwareProfile(device="cpu", name=_cpu_name(), compute_capability=None,
-                               total_memory_bytes=_cpu_memory_bytes(), multiprocessor_count=_usable_cores(),
+                               total_memory_bytes=_cpu_memory_bytes(), multiprocessor_count=len(usable_cores()),
                                supports_bf16=bool(flags & CPU_BF16_FLAGS), dtype=dtype or cpu_default_dtype(flags),
                                kernels="torch", kv_block_size=16, use_cuda_graphs=False)
     if not torch.cuda.is_available():

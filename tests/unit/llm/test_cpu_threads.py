@@ -105,23 +105,23 @@ def test_busy_seconds_counts_the_given_cores_busy_columns(tmp_path: Path) -> Non
                     "intr 12345\nctxt 999\n")
     ticks = os.sysconf("SC_CLK_TCK")
     assert busy_seconds({0, 2}, stat) == pytest.approx((100 + 1 + 10 + 2 + 3 + 40 + 400 + 40) / ticks)
-    assert busy_seconds(set(os.sched_getaffinity(0))) > 0  # this machine's
+    assert busy_seconds(cpu_threads.usable_cores()) > 0  # this machine's
 
 
 def test_no_governor_where_the_thread_count_is_fixed_or_there_is_one_core(monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert CpuThreads.for_this_process() is None
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {3})
     assert CpuThreads.for_this_process() is None
-    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {0, 1})
     governor = CpuThreads.for_this_process()
     assert governor is not None and governor.max_threads == 2
 
 
 def test_an_engine_has_one_unless_turned_off(tiny_models, make_engine, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {0, 1})
     assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)._cpu_threads is not None
     assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
                        cpu_adaptive_threads=False)._cpu_threads is None
