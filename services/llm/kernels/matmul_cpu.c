@@ -34,6 +34,16 @@
 #define TILE_ELEMENTS (BLOCK * BLOCK)
 #define PREFETCH_TILES 4  /* how far ahead the weight stream is prefetched (2 KiB a tile) */
 
+#if HAVE_AMX || defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <omp.h>
+
+/* 16 bf16 values (the bias) widened to fp32, exactly. */
+static inline __m512 widen16(__m256i bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+#endif
+
 #if HAVE_AMX
 /* Tiles 0-3: accumulators [row half][output half]; 4, 5: the two row halves of the input; 6, 7: the two output
    halves of a weight tile. `rows` is 1 to 32; an unused second half still gets a valid (1-row) shape. */
@@ -48,11 +58,6 @@ static void configure_tiles(int rows) {
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
-}
-
-static inline __m512 widen16(const uint16_t *bf16) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)),
-                                                 16));
 }
 
 /* The 32 outputs of block `n_block` for every row. */
@@ -91,8 +96,10 @@ static void output_block(const uint16_t *x, int rows, int64_t in_features, const
         _tile_stored(3, sums + 16 * BLOCK + 16, BLOCK * 4);
     }
     const int64_t first_output = n_block * BLOCK;
-    const __m512 bias_low = bias ? widen16(bias + first_output) : _mm512_setzero_ps();
-    const __m512 bias_high = bias ? widen16(bias + first_output + 16) : _mm512_setzero_ps();
+    const __m512 bias_low = bias ? widen16(_mm256_loadu_si256((const __m256i *)(bias + first_output)))
+                                 : _mm512_setzero_ps();
+    const __m512 bias_high = bias ? widen16(_mm256_loadu_si256((const __m256i *)(bias + first_output + 16)))
+                                  : _mm512_setzero_ps();
     for (int m = 0; m < rows; m++) {
         __m512 low = _mm512_load_ps(sums + m * BLOCK), high = _mm512_load_ps(sums + m * BLOCK + 16);
         if (bias) {
@@ -103,8 +110,6 @@ static void output_block(const uint16_t *x, int rows, int64_t in_features, const
     }
 }
 #elif defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <omp.h>
 
 #define WIDE_BLOCK 64  /* outputs per packed block */
 #define SLICE 16       /* outputs per register, the unit the threads share out */
@@ -146,15 +151,15 @@ static inline __attribute__((always_inline)) void block_pass(
             }
         }
         for (int r = 0; r < rows; r++)
-            for (int j = 0; j < slices; j++) total[r][j] = start == 0 ? sum[r][j] : _mm512_add_ps(total[r][j], sum[r][j]);
+            for (int j = 0; j < slices; j++)
+                total[r][j] = start == 0 ? sum[r][j] : _mm512_add_ps(total[r][j], sum[r][j]);
     }
     for (int j = 0; j < slices; j++) {
         const int64_t output = first_output + j * SLICE;
         const int64_t valid = out_features - output < SLICE ? out_features - output : SLICE;
         if (valid <= 0) break;
         const __mmask16 mask = (__mmask16)((1u << valid) - 1);
-        const __m512 bias_fp32 = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + output)), 16)) : _mm512_setzero_ps();
+        const __m512 bias_fp32 = bias ? widen16(_mm256_maskz_loadu_epi16(mask, bias + output)) : _mm512_setzero_ps();
         for (int r = 0; r < rows; r++) {
             const __m512 value = bias ? _mm512_add_ps(total[r][j], bias_fp32) : total[r][j];
             _mm256_mask_storeu_epi16(y + r * out_features + output, mask, (__m256i)_mm512_cvtneps_pbh(value));
