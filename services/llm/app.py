@@ -92,7 +92,8 @@ def load_engine(settings: LLMSettings, model: str, lora_modules: dict[str, str])
                           cpu_weight_packing=settings.cpu_weight_packing, gguf_weights=settings.gguf_weights,
                           kv_cache_dtype=settings.kv_cache_dtype, cpu_compile=settings.cpu_compile,
                           cpu_attention=settings.cpu_attention, cpu_elementwise=settings.cpu_elementwise,
-                          cpu_matmul=settings.cpu_matmul, cpu_adaptive_threads=settings.cpu_adaptive_threads)
+                          cpu_matmul=settings.cpu_matmul, cpu_adaptive_threads=settings.cpu_adaptive_threads,
+                          cpu_front_end_core_tokens=settings.cpu_front_end_core_tokens)
     engine = LLMEngine(config)
     for name, path in lora_modules.items():
         engine.load_lora(name, path)

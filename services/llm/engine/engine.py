@@ -76,6 +76,9 @@ class EngineConfig:
     cpu_elementwise: str = "auto"  # CPU steps under cpu_compiled.MIN_ROWS: norms, rotary, SiLU in C (elementwise_cpu)
     cpu_matmul: str = "auto"  # CPU steps of up to 32 tokens: packed bf16 linears in C (kernels/matmul_cpu)
     cpu_adaptive_threads: bool = True  # CPU: torch's threads follow the cores other processes leave (cpu_threads)
+    # CPU, with adaptive threads: steps of up to this many tokens run on one thread fewer, leaving a core to a
+    # front end in this process (the server sets it; cpu_threads gives the measurements); 0: none do
+    cpu_front_end_core_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -114,7 +117,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             log.info("torch uses %d CPU threads", use_given_cores())
             if config.cpu_adaptive_threads:
-                self._cpu_threads = CpuThreads.for_this_process()
+                self._cpu_threads = CpuThreads.for_this_process(config.cpu_front_end_core_tokens)
         self.dtype = self.hardware.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self._check_fp8_support()
@@ -200,7 +203,7 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch:
                 if self._cpu_threads is not None:
-                    self._cpu_threads.adjust()
+                    self._cpu_threads.before_step(sum(batch.num_new_tokens))
                 self._mark_scheduled(batch)
                 outputs += self._postprocess(batch, self.runner.execute(batch))
             while self._pending_aborts:

@@ -1,6 +1,6 @@
 """The CPU thread team that follows the cores other processes leave free: its measurement and decisions on a
-scripted clock, its /proc/stat reading, when an engine has one, and an engine's tokens while its thread count
-changes between steps."""
+scripted clock, its /proc/stat reading, the core small steps leave to a front end, when an engine has one (and
+with what setting), and an engine's tokens while its thread count changes between steps."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ class Machine:
         self.now, self.busy, self.own = 100.0, 0.0, 0.0
         self.reads = 0
         self.set_to: list[int] = []
+        self.threads = torch.get_num_threads()
+
+    def set_threads(self, threads: int) -> None:
+        self.set_to.append(threads)
+        self.threads = threads
 
     def read_busy(self) -> float:
         self.reads += 1
@@ -33,9 +38,10 @@ class Machine:
         self.busy += (others + own) * seconds
         self.own += own * seconds
 
-    def governor(self, cores: int) -> CpuThreads:
-        return CpuThreads(set(range(cores)), read_busy=self.read_busy, own_seconds=lambda: self.own,
-                          clock=lambda: self.now, set_threads=self.set_to.append)
+    def governor(self, cores: int, front_end_core_tokens: int = 0) -> CpuThreads:
+        return CpuThreads(set(range(cores)), front_end_core_tokens, read_busy=self.read_busy,
+                          own_seconds=lambda: self.own,
+                          clock=lambda: self.now, set_threads=self.set_threads)
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +102,33 @@ def test_threads_are_the_free_cores_rounded_and_at_least_one(others: float, thre
     assert machine.set_to == ([] if threads == 8 else [threads])
 
 
+def test_small_steps_leave_a_core_to_the_front_end() -> None:
+    torch.set_num_threads(4)
+    machine = Machine()
+    governor = machine.governor(4, front_end_core_tokens=4)
+    for tokens, threads in [(1, 3), (4, 3), (5, 4), (300, 4), (2, 3)]:
+        governor.before_step(tokens)
+        assert machine.threads == threads
+    assert machine.set_to == [3, 4, 3]  # no call where the count stays
+    machine.run(SAMPLE_SECONDS, others=2.0, own=1.0)  # the team shrinks to 2 (from the next step on)
+    governor.before_step(1)
+    assert governor.threads == 2 and machine.threads == 1
+    governor.before_step(64)
+    assert machine.threads == 2
+
+
+def test_a_one_thread_team_and_a_zero_setting_keep_the_team() -> None:
+    torch.set_num_threads(2)
+    machine = Machine()
+    governor = machine.governor(2)  # front_end_core_tokens 0, an engine's default
+    governor.before_step(1)
+    assert not machine.set_to
+    governor = machine.governor(2, front_end_core_tokens=4)
+    machine.run(SAMPLE_SECONDS, others=1.0, own=1.0)
+    governor.before_step(1)
+    assert governor.threads == 1 and machine.set_to == [1]  # the team of one: never fewer
+
+
 def test_busy_seconds_counts_the_given_cores_busy_columns(tmp_path: Path) -> None:
     stat = tmp_path / "stat"
     stat.write_text("cpu  900 0 900 900 0 0 0 0 0 0\n"
@@ -122,9 +155,28 @@ def test_no_governor_where_the_thread_count_is_fixed_or_there_is_one_core(monkey
 def test_an_engine_has_one_unless_turned_off(tiny_models, make_engine, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {0, 1})
-    assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)._cpu_threads is not None
+    governor = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)._cpu_threads
+    assert governor is not None and governor.front_end_core_tokens == 0  # nothing else serves in this process
+    governor = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
+                           cpu_front_end_core_tokens=4)._cpu_threads
+    assert governor is not None and governor.front_end_core_tokens == 4
     assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
                        cpu_adaptive_threads=False)._cpu_threads is None
+
+
+@pytest.mark.parametrize(("environment", "tokens"), [({}, 4), ({"LLM_CPU_FRONT_END_CORE_TOKENS": "2"}, 2)])
+def test_the_server_leaves_its_front_end_a_core(environment: dict[str, str], tokens: int, tiny_models,
+                                                monkeypatch) -> None:
+    from services.llm.app import load_engine
+    from services.llm.settings import LLMSettings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {0, 1})
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = LLMSettings(device="cpu", dtype="float32", max_model_len=64, kv_cache_gib=0.01)
+    engine = load_engine(settings, str(tiny_models["llama"]), {})
+    assert engine._cpu_threads.front_end_core_tokens == tokens
 
 
 class Flipping:
@@ -133,7 +185,7 @@ class Flipping:
     def __init__(self) -> None:
         self.steps = 0
 
-    def adjust(self) -> None:
+    def before_step(self, tokens: int) -> None:
         self.steps += 1
         torch.set_num_threads(1 + self.steps % 2)
 
