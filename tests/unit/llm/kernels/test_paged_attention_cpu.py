@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common import c_build
 from services.llm.kernels import paged_attention_cpu
 from services.llm.kernels.attention import paged_attention_reference
 from services.llm.kernels.attention_cpu import cpu_paged_attention, plan_cpu_attention
@@ -81,6 +82,23 @@ def test_any_number_of_threads_gives_the_same_bits(kernel: DecodeKernel, dtype: 
     outputs = outputs_at_thread_counts(lambda: run_kernel(kernel, q, k_cache, v_cache, tables, 0.125))
     assert not outputs[0].isnan().any()
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shape_specialized_loops_give_the_generic_loops_bits(dtype: torch.dtype,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The kernel inlines its inner loops for common group and head sizes, so that their accumulators stay in
+    registers; a build without those cases runs every shape on the generic loops, with the same arithmetic in the
+    same order, so it must give the same bits."""
+    directory = tmp_path_factory.mktemp("kernels")
+    specialized = paged_attention_cpu.load(directory=directory)
+    generic = DecodeKernel(c_build.build(paged_attention_cpu.SOURCE,
+                                         (*paged_attention_cpu.FLAGS, "-DPAGED_ATTENTION_GENERIC"), directory=directory))
+    for num_heads, num_kv_heads, head_dim in [(9, 3, 64), (32, 8, 128), (10, 2, 64), (16, 2, 128), (4, 4, 32),
+                                              (6, 2, 256), (8, 1, 96)]:
+        q, k_cache, v_cache, tables = decode_inputs(num_heads, num_kv_heads, head_dim, dtype)
+        want = run_kernel(generic, q, k_cache, v_cache, tables, 0.125)
+        assert torch.equal(run_kernel(specialized, q, k_cache, v_cache, tables, 0.125), want)
 
 
 def test_fp8_cache_is_widened_exactly(kernel: DecodeKernel) -> None:
