@@ -92,8 +92,8 @@ def test_the_shape_specialized_loops_give_the_generic_loops_bits(dtype: torch.dt
     same order, so it must give the same bits."""
     directory = tmp_path_factory.mktemp("kernels")
     specialized = paged_attention_cpu.load(directory=directory)
-    generic = DecodeKernel(c_build.build(paged_attention_cpu.SOURCE,
-                                         (*paged_attention_cpu.FLAGS, "-DPAGED_ATTENTION_GENERIC"), directory=directory))
+    flags = (*paged_attention_cpu.FLAGS, "-DPAGED_ATTENTION_GENERIC")
+    generic = DecodeKernel(c_build.build(paged_attention_cpu.SOURCE, flags, directory=directory))
     for num_heads, num_kv_heads, head_dim in [(9, 3, 64), (32, 8, 128), (10, 2, 64), (16, 2, 128), (4, 4, 32),
                                               (6, 2, 256), (8, 1, 96)]:
         q, k_cache, v_cache, tables = decode_inputs(num_heads, num_kv_heads, head_dim, dtype)
