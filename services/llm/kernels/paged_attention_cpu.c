@@ -114,9 +114,9 @@ static inline __m512 sum_lanes16(const __m512 *v) {
 
 #if defined(__AVX512BF16__)
 /* key_scores's bf16 products for one query head and 16 keys (the first n of them live), stored scaled at `out`: each
-   key's dot product is its own chain of _mm512_dpbf16_ps over the head from zero, the 16 reduced together by
-   sum_lanes16, as key_scores's loop does them (the same bits). Inlined with head_dim a constant (bf16_scores), the
-   16 chains stay in registers instead of going through the stack. */
+   key's dot product is its own chain of _mm512_dpbf16_ps over the head from zero (exact products, fp32 sums), the
+   16 reduced together by sum_lanes16. Inlined with head_dim a constant (bf16_scores), the 16 chains stay in
+   registers instead of going through the stack. */
 static inline __attribute__((always_inline)) void bf16_scores16(const uint16_t *q, const uint16_t *k_cache,
                                                                 int64_t key, int64_t token_stride, int n,
                                                                 int head_dim, float scale, float *out) {
@@ -133,25 +133,24 @@ static inline __attribute__((always_inline)) void bf16_scores16(const uint16_t *
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale)));
 }
 
-/* key_scores for bf16 queries and cache: whether it took them (a head size it has a constant for). */
-static int bf16_scores(const uint16_t *q_heads, int group, int head_dim, const uint16_t *k_cache, int64_t key,
-                       int64_t token_stride, int len, float scale, float *scores, int score_stride) {
-#define SCORES_CASE(D)                                                                                          \
-    case D:                                                                                                     \
-        for (int first = 0; first < len; first += 16)                                                           \
-            for (int g = 0; g < group; g++)                                                                     \
-                bf16_scores16(q_heads + g * (D), k_cache, key + (int64_t)first * token_stride, token_stride,    \
-                              len - first < 16 ? len - first : 16, D, scale, scores + g * score_stride + first); \
-        return 1;
+/* key_scores for bf16 queries and cache (head_dim a multiple of 32), with the common head sizes as constants. */
+static void bf16_scores(const uint16_t *q_heads, int group, int head_dim, const uint16_t *k_cache, int64_t key,
+                        int64_t token_stride, int len, float scale, float *scores, int score_stride) {
+#define SCORES(D)                                                                                               \
+    for (int first = 0; first < len; first += 16)                                                               \
+        for (int g = 0; g < group; g++)                                                                         \
+            bf16_scores16(q_heads + g * (D), k_cache, key + (int64_t)first * token_stride, token_stride,        \
+                          len - first < 16 ? len - first : 16, D, scale, scores + g * score_stride + first);
+#define SCORES_CASE(D) case D: SCORES(D) return;
     switch (head_dim) {
 #if !defined(PAGED_ATTENTION_GENERIC)  /* defined only by a test build: every shape on the generic code */
         SCORES_CASE(32) SCORES_CASE(64) SCORES_CASE(96) SCORES_CASE(128) SCORES_CASE(256)
 #endif
     default:
-        break;
+        SCORES(head_dim)
     }
 #undef SCORES_CASE
-    return 0;
+#undef SCORES
 }
 #endif
 
@@ -165,12 +164,11 @@ static void key_scores(const void *q_heads, int io_dtype, const float *q_f32, in
 #if defined(__AVX512F__)
     if (head_dim % 16 == 0) {
 #if defined(__AVX512BF16__)
-        const int bf16_pairs = io_dtype == DTYPE_BF16 && cache_dtype == DTYPE_BF16 && head_dim % 32 == 0;
-        if (bf16_pairs && bf16_scores((const uint16_t *)q_heads, group, head_dim, (const uint16_t *)k_cache, key,
-                                      token_stride, len, scale, scores, score_stride))
+        if (io_dtype == DTYPE_BF16 && cache_dtype == DTYPE_BF16 && head_dim % 32 == 0) {
+            bf16_scores((const uint16_t *)q_heads, group, head_dim, (const uint16_t *)k_cache, key, token_stride, len,
+                        scale, scores, score_stride);
             return;
-#else
-        const int bf16_pairs = 0;
+        }
 #endif
         for (int first = 0; first < len; first += 16) {
             const int n = len - first < 16 ? len - first : 16;
@@ -183,16 +181,6 @@ static void key_scores(const void *q_heads, int io_dtype, const float *q_f32, in
                         dots[t] = dot;
                         continue;
                     }
-#if defined(__AVX512BF16__)
-                    if (bf16_pairs) {
-                        const uint16_t *q = (const uint16_t *)q_heads + g * head_dim;
-                        for (int d = 0; d < head_dim; d += 32)
-                            dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(q + d),
-                                                   (__m512bh)_mm512_loadu_si512((const uint16_t *)k_cache + k + d));
-                        dots[t] = dot;
-                        continue;
-                    }
-#endif
                     for (int d = 0; d < head_dim; d += 16)
                         dot = _mm512_fmadd_ps(_mm512_loadu_ps(q_f32 + g * head_dim + d),
                                               load16(k_cache, k + d, cache_dtype), dot);
