@@ -6,7 +6,9 @@ Each VAR is an env var naming a model (e.g. LLM_MODEL). Empty or an existing pat
 or a directory/.gguf mounted into the volume, which works offline). Anything else is a hub id such as
 `BAAI/bge-base-en-v1.5`: downloaded once with huggingface_hub into `$HF_HOME/models/BAAI/bge-base-en-v1.5` (a named
 volume), and VAR is rewritten to that directory, so the service only ever loads from disk and names the model after
-the folder. A finished download is marked, so later starts (and offline starts) never contact the hub.
+the folder. A finished download is marked, so later starts (and offline starts) never contact the hub. A model baked
+into the image at build time (`--build-arg BAKED_MODEL=org/name`, fetched into `$BAKED_HF_HOME`) is found there
+first: it lies outside the volume's mount point, so the volume never hides it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ log = logging.getLogger("fetch_model")
 
 
 def model_root() -> Path:
+    """Where hub models are downloaded to: `$HF_HOME/models`, the shared volume in a deployment."""
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "models"
+
+
+def baked_model(value: str) -> Path | None:
+    """The finished copy of hub id `value` baked into the image, if the image has one."""
+    baked_home = os.environ.get("BAKED_HF_HOME")
+    folder = Path(baked_home) / "models" / value if baked_home else None
+    return folder if folder is not None and (folder / COMPLETE_MARKER).exists() else None
 
 
 def local_model(value: str) -> str:
     """The on-disk location of the model `value` names, downloading a hub id the first time."""
     if not value or Path(value).exists():
         return value
+    if (baked := baked_model(value)) is not None:
+        return str(baked)
     target = model_root() / value
     if (target / COMPLETE_MARKER).exists():
         return str(target)

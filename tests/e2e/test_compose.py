@@ -304,6 +304,28 @@ def test_fetch_model_uses_a_finished_download_without_the_hub(tmp_path: Path) ->
     assert result.stdout.strip() == str(fetched)
 
 
+def test_fetch_model_finds_a_baked_model_before_the_volume(tmp_path: Path) -> None:
+    """A model baked into the image (finished, under $BAKED_HF_HOME) is used as it is, even with another finished
+    copy in the volume; a baked folder without the finished mark is passed over for the volume's copy."""
+    baked = tmp_path / "baked" / "models" / "BAAI" / "bge-base-en-v1.5"
+    in_volume = tmp_path / "hf" / "models" / "BAAI" / "bge-base-en-v1.5"
+    for folder in (baked, in_volume):
+        folder.mkdir(parents=True)
+        (folder / ".fetched").touch()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "BAKED_HF_HOME": str(tmp_path / "baked"),
+           "EMBED_MODEL": "BAAI/bge-base-en-v1.5", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "docker/fetch_model.py"), "EMBED_MODEL", "--",
+               sys.executable, "-c", "import os; print(os.environ['EMBED_MODEL'])"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(baked)
+
+    (baked / ".fetched").unlink()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(in_volume)
+
+
 def test_fetch_model_without_command_is_a_usage_error() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "docker/fetch_model.py"), "LLM_MODEL"],
                             capture_output=True, text=True, timeout=60)

@@ -181,6 +181,39 @@ def test_images_run_unprivileged_without_the_torch_wheel(images: dict[str, str])
         assert found.split()[0] == str(APP_UID) and "No such file" in found, f"{name}: {found}"
 
 
+def test_volume_mount_points_ship_empty(images: dict[str, str]) -> None:
+    """Nothing in an image lies where a volume is mounted. Docker copies that content into a fresh named volume, and
+    compose creates the services sharing `models` at once, so their copies race and one fails ("failed to mkdir
+    .../_data/hf: file exists", moby#43068); it failed this module's `up` once in CI, when the images had /models/hf.
+    The mount points are the app user's, so a fresh volume is still writable by it (the stack test writes each)."""
+    for name, image in images.items():
+        mounts = " ".join(VOLUME_MOUNTS[name])
+        found = run("docker", "run", "--rm", "--entrypoint", "sh", image, "-c",
+                    f"stat -c '%u %n' {mounts}; find {mounts} -mindepth 1").stdout.splitlines()
+        assert found == [f"{APP_UID} {mount}" for mount in VOLUME_MOUNTS[name]], f"{name}: {found}"
+
+
+def test_a_baked_model_is_found_under_the_models_volume(images: dict[str, str]) -> None:
+    """A model baked into an image (`--build-arg BAKED_MODEL=org/name`) lies outside /models, so the volume mounted
+    there hides nothing: the entrypoint resolves the hub id to the baked folder, offline. The build here puts a
+    finished folder where the Dockerfile's bake step does (nothing can be fetched from the hub here)."""
+    image, volume = f"rag-platform/embed-baked:{IMAGE_TAG}", f"ragtest-baked-{uuid.uuid4().hex[:8]}"
+    recipe = (f"FROM {images['embed']}\n"
+              "RUN mkdir -p $BAKED_HF_HOME/models/acme/baked && touch $BAKED_HF_HOME/models/acme/baked/.fetched\n")
+    subprocess.run(["docker", "build", "-q", "-t", image, "-"], input=recipe, text=True, check=True,
+                   capture_output=True, timeout=600)
+    try:
+        resolved = run("docker", "run", "--rm", "-v", f"{volume}:/models", "-e", "EMBED_MODEL=acme/baked",
+                       "-e", "HF_HUB_OFFLINE=1", image, "sh", "-c", "echo $EMBED_MODEL").stdout.strip()
+        baked_home = run("docker", "run", "--rm", "--entrypoint", "sh", image, "-c", "echo $BAKED_HF_HOME"
+                         ).stdout.strip()
+        assert baked_home and not baked_home.startswith("/models"), baked_home
+        assert resolved == f"{baked_home}/models/acme/baked", resolved
+    finally:
+        run("docker", "volume", "rm", "-f", volume, check=False)
+        run("docker", "rmi", "-f", image, check=False)
+
+
 def test_stack_serves_answers_and_survives_restarts(stack: Stack) -> None:
     # The app user can write every volume it mounts.
     for service, mounts in VOLUME_MOUNTS.items():
