@@ -33,8 +33,10 @@ def model_root() -> Path:
 def baked_model(value: str) -> Path | None:
     """The finished copy of hub id `value` baked into the image, if the image has one."""
     baked_home = os.environ.get("BAKED_HF_HOME")
-    folder = Path(baked_home) / "models" / value if baked_home else None
-    return folder if folder is not None and (folder / COMPLETE_MARKER).exists() else None
+    if not baked_home:
+        return None
+    folder = Path(baked_home) / "models" / value
+    return folder if (folder / COMPLETE_MARKER).exists() else None
 
 
 def local_model(value: str) -> str:
