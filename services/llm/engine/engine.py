@@ -113,11 +113,11 @@ class LLMEngine:
         self.hardware = detect_hardware(self.device, None if config.dtype == "auto"
                                         else resolve_dtype(config.dtype, self.device))
         log.info("hardware profile: %s", self.hardware.describe())
-        self._cpu_threads: CpuThreads | None = None
+        cpu_threads: CpuThreads | None = None
         if self.device.type == "cpu":
             log.info("torch uses %d CPU threads", use_given_cores())
             if config.cpu_adaptive_threads:
-                self._cpu_threads = CpuThreads.for_this_process(config.cpu_front_end_core_tokens)
+                cpu_threads = CpuThreads.for_this_process(config.cpu_front_end_core_tokens)
         self.dtype = self.hardware.dtype
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self._check_fp8_support()
@@ -155,7 +155,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, self.block_size,
                                   num_blocks, self.eos_token_ids, config.seed, proposer, lora_batch, self.guided,
                                   self.kv_dtype, attention_kernel,
-                                  self._cpu_prefill_kernel(attention_kernel, loaded.config))
+                                  self._cpu_prefill_kernel(attention_kernel, loaded.config), cpu_threads)
         # Graphs would freeze the step's adapter mapping: with LoRA layers every step runs eagerly.
         if self.hardware.use_cuda_graphs and self.hardware.kernels == "triton" and config.enable_cuda_graphs \
                 and self.loras is None:
@@ -202,8 +202,6 @@ class LLMEngine:
             outputs, self._abort_outputs = self._abort_outputs, []
             batch = self.scheduler.schedule()
             if batch:
-                if self._cpu_threads is not None:
-                    self._cpu_threads.before_step(sum(batch.num_new_tokens))
                 self._mark_scheduled(batch)
                 outputs += self._postprocess(batch, self.runner.execute(batch))
             while self._pending_aborts:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from services.llm.config import ModelConfig
+from services.llm.engine.cpu_threads import CpuThreads
 from services.llm.engine.sampling_params import SamplingParams
 from services.llm.engine.scheduler import ScheduledBatch
 from services.llm.engine.sequence import Sequence
@@ -139,10 +140,13 @@ class ModelRunner:
                  block_size: int, num_blocks: int, eos_token_ids: set[int], seed: int,
                  proposer: Proposer | None = None, lora_batch: LoRABatch | None = None,
                  guided: GuidedDecoder | None = None, kv_dtype: torch.dtype | None = None,
-                 attention_kernel: DecodeKernel | None = None, prefill_kernel: PrefillKernel | None = None) -> None:
+                 attention_kernel: DecodeKernel | None = None, prefill_kernel: PrefillKernel | None = None,
+                 cpu_threads: CpuThreads | None = None) -> None:
         """`kv_dtype`: the KV pool's element type (None: the model's `dtype`); `attention_kernel` and
-        `prefill_kernel`: CPU decodes and prefills attend in these C kernels (None: the torch path)."""
+        `prefill_kernel`: CPU decodes and prefills attend in these C kernels (None: the torch path);
+        `cpu_threads`: sets torch's CPU threads for each step's tokens, drafts included (None: they stay)."""
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
+        self.cpu_threads = cpu_threads
         self.block_size = block_size
         self.kv_dtype = kv_dtype or dtype
         self.kv_bytes_per_token = kv_bytes_per_block(config, 1, self.kv_dtype) // config.num_layers
@@ -182,6 +186,9 @@ class ModelRunner:
         scheduler reserved behind a decode; sequences that reach their last token get one token or more."""
         drafts = self._drafts(batch)
         input_ids, positions, meta, logit_rows, step = self._prepare(batch, drafts)
+        if self.cpu_threads is not None:
+            # The tokens the step runs: the room reserved for drafts counts only where the proposer filled it.
+            self.cpu_threads.before_step(len(input_ids))
         if not step.seqs:
             self.model(input_ids, positions, meta)
             return step

@@ -12,7 +12,9 @@ import torch
 
 from services.llm.engine import cpu_threads
 from services.llm.engine.cpu_threads import SAMPLE_SECONDS, STALE_SECONDS, CpuThreads, busy_seconds
+from services.llm.speculative import SpeculativeConfig
 from tests.unit.llm.test_engine_greedy import greedy, random_prompts, run_staggered
+from tests.unit.llm.test_speculative import repetitive_prompts
 
 
 class Machine:
@@ -155,13 +157,13 @@ def test_no_governor_where_the_thread_count_is_fixed_or_there_is_one_core(monkey
 def test_an_engine_has_one_unless_turned_off(tiny_models, make_engine, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: {0, 1})
-    governor = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01)._cpu_threads
+    governor = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01).runner.cpu_threads
     assert governor is not None and governor.front_end_core_tokens == 0  # nothing else serves in this process
     governor = make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
-                           cpu_front_end_core_tokens=4)._cpu_threads
+                           cpu_front_end_core_tokens=4).runner.cpu_threads
     assert governor is not None and governor.front_end_core_tokens == 4
     assert make_engine(tiny_models["llama"], max_model_len=64, kv_cache_gib=0.01,
-                       cpu_adaptive_threads=False)._cpu_threads is None
+                       cpu_adaptive_threads=False).runner.cpu_threads is None
 
 
 @pytest.mark.parametrize(("environment", "tokens"), [({}, 4), ({"LLM_CPU_FRONT_END_CORE_TOKENS": "2"}, 2)])
@@ -176,7 +178,38 @@ def test_the_server_leaves_its_front_end_a_core(environment: dict[str, str], tok
         monkeypatch.setenv(name, value)
     settings = LLMSettings(device="cpu", dtype="float32", max_model_len=64, kv_cache_gib=0.01)
     engine = load_engine(settings, str(tiny_models["llama"]), {})
-    assert engine._cpu_threads.front_end_core_tokens == tokens
+    assert engine.runner.cpu_threads.front_end_core_tokens == tokens
+
+
+class Recording:
+    """Stands in for the governor: the tokens of each step it is told of."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def before_step(self, tokens: int) -> None:
+        self.tokens.append(tokens)
+
+
+def test_the_governor_hears_of_the_tokens_a_step_runs_not_the_room_for_drafts(tiny_models, make_engine) -> None:
+    """With speculation, the scheduler reserves room for drafts behind each decode, and the proposer fills some of
+    it or none; the governor is told the tokens the model then runs (a 1-token decode without drafts is a small
+    step, whatever room was reserved)."""
+    engine = make_engine(tiny_models["llama"], cpu_adaptive_threads=False,
+                         speculative=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3))
+    engine.runner.cpu_threads = governor = Recording()
+    scheduled, ran = [], []
+    execute = engine.runner.execute
+
+    def recording_execute(batch):
+        scheduled.append(sum(batch.num_new_tokens))
+        return execute(batch)
+
+    engine.runner.execute = recording_execute
+    engine.runner.model.register_forward_pre_hook(lambda module, args: ran.append(len(args[0])))
+    run_staggered(engine, random_prompts(2, 3, 40, seed=5) + repetitive_prompts(2, seed=5), greedy(24))
+    assert governor.tokens == ran
+    assert any(room > tokens for room, tokens in zip(scheduled, ran, strict=True))  # room left unfilled
 
 
 class Flipping:
@@ -199,9 +232,9 @@ def test_tokens_do_not_depend_on_the_thread_count_changing_between_steps(dtype: 
         torch.set_num_threads(2)
         engine = make_engine(tiny_models["qwen2"], dtype=dtype, cpu_adaptive_threads=False)
         if name == "flipping":
-            engine._cpu_threads = Flipping()
+            engine.runner.cpu_threads = Flipping()
         finals = run_staggered(engine, prompts, greedy())
         tokens[name] = [finals[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
         if name == "flipping":
-            assert engine._cpu_threads.steps > 10
+            assert engine.runner.cpu_threads.steps > 10
     assert tokens["flipping"] == tokens["fixed"]
