@@ -92,10 +92,11 @@ class LLMSettings(ServiceSettings):
                                        "another process stalls the whole team at every layer. Off, or with "
                                        "OMP_NUM_THREADS set, the count stays fixed")
     cpu_front_end_core_tokens: int = Field(4, ge=0, description="on CPU, with adaptive threads: steps of up to this "
-                                           "many tokens (decode steps of up to 4 requests) run on one thread fewer "
-                                           "than the team, leaving a core to the server's own request handling and "
-                                           "streaming, which otherwise stalls the team; such small steps gain "
-                                           "little from the extra thread. 0: every step uses the whole team")
+                                           "many tokens (a decode of up to 4 requests; speculative drafts count "
+                                           "where proposed) run on one thread fewer than the team, leaving a core "
+                                           "to the server's own request handling and streaming, which otherwise "
+                                           "stalls the team; such small steps gain little from the extra thread. "
+                                           "0: every step uses the whole team")
     tool_call_parser: str = Field("auto", description="how tool calls are written: hermes (Qwen2.5 <tool_call>), "
                                   "llama3_json, template (learned from the chat template), or auto (from the "
                                   "model's chat template)")
